@@ -1,0 +1,3 @@
+"""lowbit: make large language models small."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""Pure quantization primitives: number grids as tensor math, no modules, no files.
+
+Two families:
+
+* **Uniform affine integers** (RTN, GPTQ, AWQ, L4Q export): q = clamp(round(w / s) + z, 0, 2^b − 1),
+  ŵ = (q − z)·s, one (s, z) per group of `group_size` consecutive input columns. Conventions follow
+  the GPTQ reference code (`quant.py`), because GPTQ checkpoints are what runtimes load:
+  min/max always include 0; symmetric grids use the fixed zero point z = 2^(b−1) and
+  s = 2·max|w| / (2^b − 1); an all-zero group gets the range [−1, 1].
+  The scale is rounded to float16 *before* the codes are chosen, so the stored scale is the one the
+  codes were fitted to and `dequantize` reproduces exactly what the algorithm saw.
+
+* **MXINT block floating point** (LQER/L²QER): one power-of-two exponent shared by a block of
+  `block_size` consecutive elements, elements in sign-magnitude with `bits` bits
+  (1 sign + bits−1 magnitude). Exact rules of the LQER authors' emulator (`block_fp.py`, notes §1.4):
+  e = ceil(log2 max|x|) clamped to the 8-bit biased range, x̂ = sign(x)·2^e·
+  clamp(round(|x|·2^(b−1)/2^e), 0, 2^(b−1)−1)/2^(b−1). A block whose maximum is exactly a power of two
+  therefore loses one step at the top (max 1.0 → 0.875 for MXINT4); that is the authors' behaviour.
+
+Granularity for uniform grids, by `group_size`: −1 per output channel, 0 per tensor, g > 0 groups of g
+input columns (g must divide the input dimension).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+
+SCALE_DTYPE = torch.float16
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise LowbitError(f"unsupported bit width {bits}: choose one of {SUPPORTED_BITS}")
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Number of scale groups along the input dimension (1 for per-channel and per-tensor)."""
+    if group_size in (-1, 0):
+        return 1
+    if group_size < 0:
+        raise LowbitError(f"group size {group_size} is invalid: use -1 (per channel), 0 (per tensor) or > 0")
+    if in_features % group_size:
+        raise LowbitError(
+            f"group size {group_size} does not divide the input dimension {in_features}"
+        )
+    return in_features // group_size
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View [rows, cols] as [rows, groups, g] (per tensor: [1, 1, rows·cols])."""
+    rows, cols = w.shape
+    if group_size == 0:
+        return w.reshape(1, 1, rows * cols)
+    g = cols if group_size == -1 else group_size
+    return w.reshape(rows, cols // g, g)
+
+
+def affine_qparams(
+    w: torch.Tensor, bits: int, symmetric: bool, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point per group: (scale fp16 [R, G], zero int32 [R, G]).
+
+    R = rows (1 for per tensor), G = groups. The zero of a symmetric grid is the constant 2^(b−1).
+    """
+    check_bits(bits)
+    n_groups(w.shape[1], group_size)
+    maxq = 2**bits - 1
+    wg = _grouped(w.float(), group_size)
+    xmin = wg.amin(dim=-1).clamp(max=0)
+    xmax = wg.amax(dim=-1).clamp(min=0)
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(dead, -1.0, xmin)
+    xmax = torch.where(dead, 1.0, xmax)
+    # Rounded to the stored dtype first: codes are fitted to the scale that will be deployed.
+    scale = ((xmax - xmin) / maxq).to(SCALE_DTYPE)
+    scale = scale.clamp(min=torch.finfo(SCALE_DTYPE).tiny)
+    if symmetric:
+        zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int32)
+    else:
+        zero = torch.round(-xmin / scale.float()).clamp(0, maxq).to(torch.int32)
+    return scale, zero
+
+
+def expand_group_param(p: torch.Tensor, shape: torch.Size, group_size: int, g_idx: torch.Tensor | None = None):
+    """Broadcast a per-group parameter [R, G] to the weight shape [rows, cols].
+
+    `g_idx[c]` names the group of input column c (GPTQ act-order with dynamic groups); without it the
+    group of column c is c // group_size.
+    """
+    rows, cols = shape
+    if g_idx is not None:
+        return p.expand(rows, -1)[:, g_idx] if p.shape[0] == 1 else p[:, g_idx]
+    if group_size == 0:
+        return p.expand(rows, cols)
+    g = cols if group_size == -1 else group_size
+    return p.repeat_interleave(g, dim=1).expand(rows, cols)
+
+
+def affine_quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Codes q = clamp(round(w/s) + z, 0, 2^b − 1) with s, z already broadcast to w's shape."""
+    q = torch.round(w.float() / scale.float()) + zero
+    return q.clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def affine_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """ŵ = (q − z)·s in float32 (s, z broadcast to the codes' shape)."""
+    return (codes.to(torch.int32) - zero).float() * scale.float()
+
+
+def fake_quantize_affine(w: torch.Tensor, bits: int, symmetric: bool, group_size: int) -> torch.Tensor:
+    """Round-to-nearest onto the min-max grid and back, in float32 (the RTN reference)."""
+    scale, zero = affine_qparams(w, bits, symmetric, group_size)
+    s = expand_group_param(scale, w.shape, group_size)
+    z = expand_group_param(zero, w.shape, group_size)
+    return affine_dequantize(affine_quantize(w, s, z, bits), s, z)
+
+
+# --------------------------------------------------------------------------------------------------
+# MXINT block floating point
+
+
+def mxint_exponent_range(exp_bits: int) -> tuple[int, int]:
+    """Unbiased exponent range of a biased `exp_bits` exponent: [−(2^(e−1) − 1), 2^(e−1)]."""
+    return -(2 ** (exp_bits - 1) - 1), 2 ** (exp_bits - 1)
+
+
+def mxint_quantize(
+    x: torch.Tensor, bits: int, block_size: int, exp_bits: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of `block_size` along the last dim → (codes int8 sign-magnitude value, exponent int16).
+
+    Codes are the signed integers m ∈ [−(2^(b−1)−1), 2^(b−1)−1]; x̂ = m · 2^(e − (b−1)).
+    """
+    if not 2 <= bits <= 8:
+        raise LowbitError(f"unsupported MXINT width {bits}: choose 2..8")
+    if x.shape[-1] % block_size:
+        raise LowbitError(f"MXINT block size {block_size} does not divide the last dimension {x.shape[-1]}")
+    xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    lo, hi = mxint_exponent_range(exp_bits)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    # log2(0) = −inf clamps to the smallest exponent; every element of such a block is 0 anyway.
+    e = torch.ceil(torch.log2(amax)).clamp(lo, hi)
+    mmax = 2 ** (bits - 1) - 1
+    mag = torch.round(xb.abs() * torch.exp2((bits - 1) - e)).clamp(0, mmax)
+    codes = (torch.sign(xb) * mag).to(torch.int8).reshape(x.shape)
+    return codes, e.squeeze(-1).to(torch.int16)
+
+
+def mxint_dequantize(codes: torch.Tensor, exponent: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    cb = codes.float().reshape(*codes.shape[:-1], codes.shape[-1] // block_size, block_size)
+    step = torch.exp2(exponent.float() - (bits - 1)).unsqueeze(-1)
+    return (cb * step).reshape(codes.shape)
+
+
+def fake_quantize_mxint(x: torch.Tensor, bits: int, block_size: int, exp_bits: int = 8) -> torch.Tensor:
+    codes, e = mxint_quantize(x, bits, block_size, exp_bits)
+    return mxint_dequantize(codes, e, bits, block_size).to(x.dtype)

@@ -1,0 +1,73 @@
+"""One pydantic config per method: the same object in Python, in YAML recipes and behind CLI flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from lowbit.formats.quant_primitives import SUPPORTED_BITS
+
+
+class WeightQuantConfig(BaseModel):
+    """Settings every weight quantizer shares.
+
+    group_size: −1 per output channel, 0 per tensor, g > 0 groups of g input columns (must divide the
+    input dimension of every quantized layer).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"unsupported bit width {v}: choose one of {SUPPORTED_BITS}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError(f"group size {v} is invalid: use -1 (per channel), 0 (per tensor) or > 0")
+        return v
+
+
+class RTNConfig(WeightQuantConfig):
+    """Round-to-nearest onto a min-max grid: uniform integers, or MXINT blocks (LQER's format)."""
+
+    method: Literal["rtn"] = "rtn"
+    format: Literal["int", "mxint"] = "int"
+    # MXINT only: elements per shared exponent and the exponent's width (LQER: 16 and 8).
+    block_size: int = 16
+    exp_bits: int = 8
+
+    @model_validator(mode="after")
+    def _mx(self):
+        if self.format == "mxint" and self.block_size < 1:
+            raise ValueError("MXINT block size must be positive")
+        return self
+
+
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ (Frantar et al., 2023) as in the reference code IST-DASLab/gptq."""
+
+    method: Literal["gptq"] = "gptq"
+    damp_percent: float = 0.01  # λ = damp_percent · mean(diag H)
+    block_size: int = 128  # lazy batch update width B
+    act_order: bool = True  # columns by descending diag(H)
+    static_groups: bool = False  # group params from the original W, so act-order needs no g_idx
+
+    @field_validator("damp_percent")
+    @classmethod
+    def _damp(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError("damp_percent must be in [0, 1)")
+        return v
+
+
+MethodConfig = RTNConfig | GPTQConfig

@@ -1,0 +1,101 @@
+"""GPTQ (Frantar et al., ICLR 2023, arXiv 2210.17323), as the reference code IST-DASLab/gptq does it.
+
+For a layer with weight W [out, in] and Hessian H = (2/N) Σ xxᵀ of its inputs, quantize the columns one
+at a time and push each column's rounding error onto the columns not yet quantized (OBS update):
+
+    err_j = (w_j − q(w_j)) / [U]_jj,      W[:, j+1:] −= err_j · U[j, j+1:]
+
+where U is the upper Cholesky factor of H⁻¹ (Alg. 1 of the paper: row j of U equals the OBS update
+of H⁻¹ after eliminating columns < j). Details that matter for faithfulness:
+* dead inputs (H_jj = 0): H_jj ← 1 and W[:, j] ← 0;
+* act-order: sweep columns by descending diag(H);
+* dampening H += λI with λ = damp_percent · mean(diag H);
+* lazy batch updates: errors of a block of B columns are applied to the rest of W in one GEMM;
+* dynamic groups take their min/max from W *as updated by all previous blocks* when the sweep reaches the
+  group start — the reference reads the block-level W there, not the in-block copy, and so do we.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats.quantized_weight import QuantizedWeight
+from lowbit.methods.column_grids import ColumnGrid, UniformColumnGrid
+from lowbit.methods.config import GPTQConfig
+from lowbit.methods.validate import check_hessian, check_weight
+
+
+def prepare_hessian(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp_percent: float):
+    """Dead-column fix, act-order permutation and dampening. Returns (W, H, perm or None) in sweep order."""
+    W, H = W.clone(), H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    damp = damp_percent * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    return W, H, perm
+
+
+def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+    """U with H⁻¹ = UᵀU (upper Cholesky factor of the inverse), as in the reference code."""
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        return torch.linalg.cholesky(Hinv, upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise LowbitError(
+            "GPTQ: the damped Hessian is not positive definite; raise damp_percent or use more calibration data"
+        ) from e
+
+
+def gptq_sweep(W: torch.Tensor, U: torch.Tensor, grid: ColumnGrid, block_size: int = 128):
+    """The column sweep with lazy block updates. W [out, in] and U in sweep order; W is overwritten.
+
+    Returns (codes uint8 [out, in] in sweep order, loss = Σ (w − q)² / U_jj² / 2).
+    """
+    rows, cols = W.shape
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    loss = torch.zeros((), dtype=W.dtype)
+    gs = grid.group_size
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if gs > 0 and j % gs == 0:
+                # Reference behaviour: the group's min/max from the block-level W (see module docstring).
+                grid.start_group(W[:, j : j + gs], j)
+            w = W1[:, i]
+            d = U1[i, i]
+            q, wq = grid.quantize_column(w, j)
+            codes[:, j] = q
+            err = (w - wq) / d
+            loss += (err.square().sum() / 2) if d != 0 else 0
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return codes, float(loss)
+
+
+def gptq_quantize(W: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig,
+                  dtype: torch.dtype = torch.float32, return_loss: bool = False):
+    """GPTQ-quantize W [out, in] given H [in, in]. `dtype` is the arithmetic (float64 for references)."""
+    check_weight(W)
+    check_hessian(hessian, W.shape[1])
+    Wf, H, perm = prepare_hessian(W.to(dtype), hessian.to(dtype), config.act_order, config.damp_percent)
+    U = inverse_cholesky_upper(H)
+    grid = UniformColumnGrid(Wf if perm is None else Wf[:, torch.argsort(perm)], config.bits, config.symmetric,
+                             config.group_size, config.static_groups, perm)
+    codes, loss = gptq_sweep(Wf, U, grid, config.block_size)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    qw = QuantizedWeight(W.shape, W.dtype, grid.finish(perm), codes)
+    return (qw, loss) if return_loss else qw

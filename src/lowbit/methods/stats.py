@@ -1,0 +1,49 @@
+"""Statistics of a layer's inputs, collected once by the pipeline and handed to methods.
+
+Methods never run the model; they receive what they need from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one linear layer over N calibration tokens.
+
+    hessian: H = (2/N) Σ x xᵀ  [in, in] (GPTQ's convention: the Hessian of ‖XWᵀ − XŴᵀ‖²/N).
+    act_mean_abs: mean |x_j| per input channel [in] (AWQ / LQER activation scale).
+    """
+
+    hessian: torch.Tensor | None = None
+    act_mean_abs: torch.Tensor | None = None
+    nsamples: int = 0
+
+
+class StatsAccumulator:
+    """Running H = (2/N) Σ xxᵀ and mean|x| in float32, updated batch by batch (as the GPTQ reference)."""
+
+    def __init__(self, in_features: int, hessian: bool = True):
+        self.n = 0
+        self.H = torch.zeros(in_features, in_features) if hessian else None
+        self.mean_abs = torch.zeros(in_features)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        if m == 0:
+            return
+        total = self.n + m
+        self.mean_abs.mul_(self.n / total).add_(x.abs().sum(0), alpha=1 / total)
+        if self.H is not None:
+            self.H.mul_(self.n / total)
+            xs = x * (2 / total) ** 0.5
+            self.H.addmm_(xs.T, xs)
+        self.n = total
+
+    def result(self) -> LayerStats:
+        return LayerStats(hessian=self.H, act_mean_abs=self.mean_abs, nsamples=self.n)
