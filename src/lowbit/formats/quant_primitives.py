@@ -149,7 +149,9 @@ def mxint_quantize(
     # log2(0) = −inf clamps to the smallest exponent; every element of such a block is 0 anyway.
     e = torch.ceil(torch.log2(amax)).clamp(lo, hi)
     mmax = 2 ** (bits - 1) - 1
-    mag = torch.round(xb.abs() * torch.exp2((bits - 1) - e)).clamp(0, mmax)
+    # |x|·2^−e first (≤ 1, exact), then ·2^(b−1): a single factor 2^(b−1−e) overflows float32 to inf
+    # at e = −127 (all-zero or tiny blocks), giving 0·inf = NaN codes and wrong codes for tiny values.
+    mag = torch.round(xb.abs() * torch.exp2(-e) * 2 ** (bits - 1)).clamp(0, mmax)
     codes = (torch.sign(xb) * mag).to(torch.int8).reshape(x.shape)
     return codes, e.squeeze(-1).to(torch.int16)
 

@@ -35,9 +35,10 @@ def _bits(t: torch.Tensor) -> int:
 class UniformGrid:
     """Affine integer grid: ŵ[r, c] = (q[r, c] − z[r, g(c)]) · s[r, g(c)].
 
-    Scales are stored in fp16; zeros of asymmetric grids are stored packed with `bits` bits (as GPTQ's
-    qzeros); a symmetric grid's zero is the constant 2^(b−1) and costs nothing. `g_idx` (int32, one per
-    input column) is present only for act-order with dynamic groups.
+    Scales are stored in fp16; zeros of asymmetric grids are stored packed with `bits` bits in GPTQ's
+    qzeros layout (per group, one packed row of all output channels' zeros: [G, ⌈R·b/32⌉] words); a
+    symmetric grid's zero is the constant 2^(b−1) and costs nothing. `g_idx` (int32, one per input
+    column) is present only for act-order with dynamic groups.
     """
 
     bits: int
@@ -56,7 +57,7 @@ class UniformGrid:
     def storage(self) -> dict[str, int]:
         out = {"scales": _bits(self.scale)}
         if not self.symmetric:
-            out["zeros"] = self.zero.shape[0] * packing.packed_words(self.zero.shape[1], self.bits) * 32
+            out["zeros"] = self.zero.shape[1] * packing.packed_words(self.zero.shape[0], self.bits) * 32
         if self.g_idx is not None:
             out["g_idx"] = _bits(self.g_idx)
         return out
@@ -67,7 +68,7 @@ class UniformGrid:
     def tensors(self) -> Tensors:
         t = {"scale": self.scale}
         if not self.symmetric:
-            t["qzeros"] = packing.pack(self.zero, self.bits)
+            t["qzeros"] = packing.pack(self.zero.T, self.bits)
         if self.g_idx is not None:
             t["g_idx"] = self.g_idx
         return t
@@ -79,7 +80,7 @@ class UniformGrid:
         if sym:
             zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.int32)
         else:
-            zero = packing.unpack(t["qzeros"], bits, scale.shape[1]).to(torch.int32)
+            zero = packing.unpack(t["qzeros"], bits, scale.shape[0]).T.to(torch.int32).contiguous()
         return cls(bits, gs, sym, scale, zero, t.get("g_idx"))
 
 
@@ -212,4 +213,39 @@ class QuantizedWeight:
             raise LowbitError(f"corrupt quantized weight record: {e!r}") from e
         if codes.shape[0] != shape[0]:
             raise LowbitError(f"corrupt quantized weight record: {codes.shape[0]} rows, {shape[0]} expected")
-        return cls(shape, dtype, grid, codes, outliers, lowrank)
+        qw = cls(shape, dtype, grid, codes, outliers, lowrank)
+        qw.check()
+        return qw
+
+    def check(self) -> None:
+        """Raise LowbitError unless every stored tensor fits `shape` (run on every load)."""
+        rows, cols = self.shape
+        g = self.grid
+
+        def need(ok, what: str) -> None:
+            if not ok:
+                raise LowbitError(f"corrupt quantized weight record: {what}")
+
+        if isinstance(g, UniformGrid):
+            try:
+                G = n_groups(cols, g.group_size)
+            except LowbitError as e:
+                raise LowbitError(f"corrupt quantized weight record: {e}") from e
+            R = 1 if g.group_size == 0 else rows
+            need(tuple(g.scale.shape) == (R, G), f"scale shape {tuple(g.scale.shape)}, {(R, G)} expected")
+            need(tuple(g.zero.shape) == (R, G), f"zero shape {tuple(g.zero.shape)}, {(R, G)} expected")
+            if g.g_idx is not None:
+                need(g.group_size > 0 and tuple(g.g_idx.shape) == (cols,), f"g_idx shape {tuple(g.g_idx.shape)}")
+                need(cols == 0 or (0 <= int(g.g_idx.min()) and int(g.g_idx.max()) < G), "g_idx out of range")
+        else:
+            need(g.block_size > 0 and cols % g.block_size == 0, f"block size {g.block_size} does not divide {cols}")
+            blocks = (rows, cols // g.block_size)
+            need(tuple(g.exponent.shape) == blocks, f"exponent shape {tuple(g.exponent.shape)}, {blocks} expected")
+        if self.outliers is not None:
+            i, v = self.outliers.index, self.outliers.values
+            need(i.ndim == 1 and i.shape == v.shape, f"outlier index {tuple(i.shape)} / values {tuple(v.shape)}")
+            need(i.numel() == 0 or (0 <= int(i.min()) and int(i.max()) < rows * cols), "outlier index out of range")
+        if self.lowrank is not None:
+            A, B = self.lowrank.A, self.lowrank.B
+            need(A.ndim == 2 and B.ndim == 2 and A.shape[0] == cols and B.shape[1] == rows
+                 and A.shape[1] == B.shape[0], f"low-rank A {tuple(A.shape)}, B {tuple(B.shape)} for {self.shape}")

@@ -1,0 +1,78 @@
+"""The method registry: one entry point from (W, stats, config) to a `QuantizedWeight`.
+
+The pipeline, the recipes and the CLI only talk to methods through here, so adding a method means adding
+its config to `MethodConfigField` and one line to `_METHODS`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Callable
+
+import torch
+from pydantic import Field, TypeAdapter, ValidationError
+
+from lowbit.errors import LowbitError
+from lowbit.formats.quantized_weight import QuantizedWeight
+from lowbit.methods.config import GPTQConfig, MethodConfig, RTNConfig
+from lowbit.methods.gptq import gptq_quantize
+from lowbit.methods.rtn import rtn_quantize
+from lowbit.methods.stats import LayerStats, StatsAccumulator
+
+__all__ = ["GPTQConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
+           "needs_calibration", "parse_method_config", "quantize_weight"]
+
+MethodConfigField = Annotated[RTNConfig | GPTQConfig, Field(discriminator="method")]
+_ADAPTER: TypeAdapter = TypeAdapter(MethodConfigField)
+
+Result = tuple[QuantizedWeight, float | None]
+
+
+def _rtn(W: torch.Tensor, stats: LayerStats | None, config: RTNConfig) -> Result:
+    return rtn_quantize(W, config), None
+
+
+def _gptq(W: torch.Tensor, stats: LayerStats | None, config: GPTQConfig) -> Result:
+    H = None if stats is None else stats.hessian
+    return gptq_quantize(W, H, config, return_loss=True)
+
+
+# method name -> (implementation, needs calibration statistics)
+_METHODS: dict[str, tuple[Callable[..., Result], bool]] = {
+    "rtn": (_rtn, False),
+    "gptq": (_gptq, True),
+}
+
+
+def _entry(config: MethodConfig) -> tuple[Callable[..., Result], bool]:
+    try:
+        return _METHODS[config.method]
+    except (KeyError, AttributeError):
+        raise LowbitError(f"unknown quantization method {getattr(config, 'method', config)!r}; "
+                          f"choose one of {sorted(_METHODS)}") from None
+
+
+def needs_calibration(config: MethodConfig) -> bool:
+    """True when the method needs input statistics (so the pipeline must run calibration data)."""
+    return _entry(config)[1]
+
+
+def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodConfig, *,
+                    return_loss: bool = False):
+    """Quantize one weight W [out, in]. With `return_loss`, also the method's own loss (GPTQ's Σ err²/2, else None)."""
+    fn, needs = _entry(config)
+    if needs and (stats is None or stats.hessian is None):
+        raise LowbitError(f"{config.method} needs calibration statistics (a Hessian) for every layer")
+    qw, loss = fn(W, stats, config)
+    return (qw, loss) if return_loss else qw
+
+
+def parse_method_config(d: dict | MethodConfig) -> MethodConfig:
+    """Build the right config from a dict with a `method` key (YAML recipes and CLI flags share this)."""
+    if isinstance(d, (RTNConfig, GPTQConfig)):
+        return d
+    try:
+        return _ADAPTER.validate_python(d)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise LowbitError(f"invalid quantization config{f' ({where})' if where else ''}: {err['msg']}") from None

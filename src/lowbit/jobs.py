@@ -1,0 +1,101 @@
+"""The jobs behind the CLI: quantize a model directory, evaluate one. Thin glue over the layers below.
+
+A quantization run keeps its per-block checkpoints in `.<OUT>.partial/` next to the output; started again
+with the same command after a kill, it continues from the last finished block (the pipeline checks that
+model, recipe and calibration data are the same) and ends with output identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit import data as datasets
+from lowbit.errors import LowbitError
+from lowbit.recipe import Recipe
+
+
+def calibration_data(recipe: Recipe, tokenizer, model, data: str | None = None) -> torch.Tensor:
+    c = recipe.calibration
+    seqlen = c.seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    if c.dataset == "c4":
+        docs = datasets.c4_split("calib", data)
+    elif c.dataset == "wikitext2-valid":
+        docs = [datasets.wikitext2_valid_text(data)]
+    else:
+        if not c.path:
+            raise LowbitError("calibration dataset 'text' needs calibration.path (or --calib-file)")
+        docs = [datasets.text_file(c.path)]
+    return datasets.calibration_windows(tokenizer, docs, c.n_samples, seqlen, c.seed)
+
+
+def checkpoint_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str | None = None,
+                 overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False) -> dict:
+    """Load, calibrate, quantize block by block, save atomically. Returns a summary dict."""
+    from lowbit.io.native import load_model, save_quantized
+    from lowbit.methods import needs_calibration
+    from lowbit.pipeline.calibrate import quantize_model
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output directory {out} exists; pass --overwrite to replace it")
+    model, tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
+    if getattr(model, "_lowbit_quantized", False):
+        raise LowbitError(f"{model_path} is already quantized by lowbit; quantize the original model")
+    calib = calibration_data(recipe, tokenizer, model, data) if needs_calibration(recipe.quant) else None
+    ckpt = checkpoint_dir_for(out)
+    t0 = time.perf_counter()
+    result = quantize_model(
+        model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
+        overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
+        checkpoint_dir=ckpt, progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    summary = {
+        "method": recipe.quant.method,
+        "bits_per_weight": result.bits_per_weight,
+        "quantize_seconds": seconds,
+        "peak_memory_mb": result.peak_memory_mb,
+        "n_layers": len(result.qweights),
+        "calibration_windows": None if calib is None else list(calib.shape),
+    }
+    save_quantized(
+        model, result.qweights, out, tokenizer=tokenizer, recipe=recipe.model_dump(mode="json"),
+        extra={"source_model": str(model_path), "summary": summary,
+               "layers": [r.as_dict() for r in result.records]},
+        overwrite=overwrite,
+    )
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return summary
+
+
+def eval_job(model_path: str, *, base: str | None = None, seqlen: int | None = None,
+             max_windows: int | None = None, kl_windows: int | None = 128, data: str | None = None,
+             batch_size: int = 8, progress: bool = True, model=None, tokenizer=None, base_model=None) -> dict:
+    """WikiText-2 test perplexity (GPTQ protocol) and, with a base model, KL(base ‖ model) on the first
+    `kl_windows` windows. Pre-loaded models may be passed to avoid reloading."""
+    from lowbit.eval.kl import kl_divergence
+    from lowbit.eval.perplexity import perplexity
+    from lowbit.io.native import load_model
+
+    if model is None:
+        model, tokenizer = load_model(model_path)
+    seqlen = seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    windows = datasets.eval_windows(tokenizer, datasets.wikitext2_test_text(data), seqlen, max_windows)
+    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    res = {"ppl": ppl.ppl, "seqlen": ppl.seqlen, "n_windows": ppl.n_windows, "n_tokens": ppl.n_tokens,
+           "tokenizer": getattr(tokenizer, "name_or_path", "?")}
+    if base is not None or base_model is not None:
+        if base_model is None:
+            base_model, _ = load_model(base)
+        kw = windows if kl_windows is None else windows[:kl_windows]
+        kl = kl_divergence(base_model, model, kw, batch_size=batch_size)
+        res.update({"kl": kl.kl_mean, "top1_agreement": kl.top1_agreement, "kl_windows": kw.shape[0]})
+    return res

@@ -1,0 +1,530 @@
+"""The sequential calibration driver: quantize a model block by block, one block's activations in memory.
+
+GPTQ's recipe (research notes B1, IST-DASLab/gptq `llama.py`):
+1. Capture the inputs of block 0 (the "Catcher": a pre-hook stores args/kwargs and aborts the forward).
+2. For block i and each true-sequential group of its linears: hook the group's inputs into running
+   statistics (H = (2/N) Σ xxᵀ), run the block on every calibration batch, quantize the group and swap in
+   QuantLinears, so the next group's statistics come from a block whose earlier layers are quantized.
+3. Run the now quantized block once more; its outputs are the inputs of block i+1.
+
+Methods that need no data (RTN) skip every forward pass unless the output error is asked for.
+
+Precision: calibration always runs in float32. A bf16/fp16 block is cast to float32 while it is processed
+and cast back afterwards (lossless round trip); the captured activations and the attention mask / rotary
+embeddings passed to the blocks are kept in float32. Each QuantizedWeight records the original dtype.
+
+Resume (`checkpoint_dir`): see `lowbit.pipeline.calibrate._Checkpoint`. A resumed run is bit-identical to an
+uninterrupted one because the saved block inputs are exactly the float32 tensors the next block would get.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.formats.quantized_weight import QuantizedWeight
+from lowbit.methods import MethodConfig, StatsAccumulator, needs_calibration, quantize_weight
+from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
+from lowbit.models.swap import make_quant_linear, swap_in
+from lowbit.nn.quant_linear import QuantLinear, replace_module
+
+# ---- results
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    block: int
+    shape: tuple[int, int]
+    method: str
+    bits: int
+    bits_per_weight: float
+    seconds: float  # the method's own time, without forward passes
+    loss: float | None = None  # GPTQ's Σ (w − q)² / U_jj² / 2
+    rel_error: float | None = None  # ‖X(W − Ŵ)ᵀ‖_F / ‖XWᵀ‖_F on this layer's calibration inputs
+    nsamples: int = 0  # calibration tokens behind the statistics
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass
+class QuantizeResult:
+    qweights: dict[str, QuantizedWeight]
+    records: list[LayerRecord]
+    seconds: float
+    peak_memory_mb: float
+    resumed_blocks: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Every stored bit over every quantized weight (layers weighted by size)."""
+        bits = sum(sum(q.storage().values()) for q in self.qweights.values())
+        n = sum(q.shape[0] * q.shape[1] for q in self.qweights.values())
+        return bits / n if n else 0.0
+
+
+# ---- small helpers
+
+
+class _Caught(Exception):
+    """Raised by the Catcher pre-hook and by group hooks to stop a forward pass early."""
+
+
+def _tree_map(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_tree_map(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _tree_map(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float() if t.is_floating_point() else t.detach()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Structural equality, so batches with identical masks / rotary tables share one copy."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, str, bool)) and a == b)
+
+
+def _run(block: nn.Module, hidden: torch.Tensor, ctx: tuple[tuple, dict]) -> Any:
+    args, kwargs = ctx
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float | None:
+    """‖X(W−Ŵ)ᵀ‖_F / ‖XWᵀ‖_F from H = (2/N) XᵀX alone: ‖XΔᵀ‖²_F = (N/2)·tr(Δ H Δᵀ), N/2 cancels."""
+    D = W - Wq
+    num = ((D @ H) * D).sum()
+    den = ((W @ H) * W).sum()
+    return float((num / den).clamp_min(0).sqrt()) if den > 0 else None
+
+
+def _peak_memory_mb() -> float:
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+
+
+class _Bars:
+    """rich bars over blocks and over the layers of the current block; no-ops when disabled."""
+
+    def __init__(self, enabled: bool, n_blocks: int):
+        self.p = None
+        if enabled:
+            from rich.progress import Progress
+
+            self.p = Progress()
+            self.blocks = self.p.add_task("blocks", total=n_blocks)
+            self.layers = self.p.add_task("layers", total=0)
+
+    def __enter__(self):
+        if self.p:
+            self.p.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.p:
+            self.p.stop()
+
+    def block(self, name: str, n_layers: int) -> None:
+        if self.p:
+            self.p.update(self.layers, description=f"layers of {name or 'model'}", total=n_layers, completed=0)
+
+    def layer(self, name: str) -> None:
+        if self.p:
+            self.p.update(self.layers, advance=1, description=name)
+
+    def block_done(self) -> None:
+        if self.p:
+            self.p.update(self.blocks, advance=1)
+
+
+# ---- capture of the first block's inputs (the "Catcher")
+
+
+def _capture(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int):
+    """Per calibration batch: the first block's hidden states (float32) and its other args/kwargs."""
+    seen: dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        seen["args"], seen["kwargs"] = args, dict(kwargs)
+        raise _Caught
+
+    hidden, ctxs = [], []
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            seen.clear()
+            try:
+                model(input_ids=calib[i : i + batch_size], use_cache=False)
+            except _Caught:
+                pass
+            if not seen:
+                raise LowbitError("the model's forward never reached its first decoder block")
+            args, kwargs = seen["args"], seen["kwargs"]
+            h = args[0] if args else kwargs.pop("hidden_states")
+            ctx = (_tree_map(tuple(args[1:]), _f32), _tree_map(kwargs, _f32))
+            if ctxs and _same(ctx, ctxs[-1]):
+                ctx = ctxs[-1]  # one copy of the mask / rotary tables for all same-shaped batches
+            hidden.append(_f32(h))
+            ctxs.append(ctx)
+    finally:
+        handle.remove()
+    return hidden, ctxs
+
+
+# ---- one block
+
+
+def _collect(model: nn.Module, block: nn.Module, group: list[str], hessian: bool,
+             hidden: list, ctxs: list) -> dict[str, StatsAccumulator]:
+    """Run the block on every batch with hooks feeding the group's inputs into accumulators.
+
+    The forward stops as soon as every layer of the group has seen its input (later layers are not needed).
+    """
+    accs, fired, handles = {}, set(), []
+    for name in group:
+        mod = model.get_submodule(name)
+        accs[name] = StatsAccumulator(layer_weight(mod).shape[1], hessian=hessian)
+
+        def hook(m, inp, out, name=name):
+            accs[name].add(inp[0].detach())
+            fired.add(name)
+            if len(fired) == len(group):
+                raise _Caught
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        for h, ctx in zip(hidden, ctxs):
+            fired.clear()
+            try:
+                _run(block, h, ctx)
+            except _Caught:
+                pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    return accs
+
+
+def _quantize_layer(model: nn.Module, name: str, block_idx: int, config: MethodConfig, orig_dtype: torch.dtype,
+                    acc: StatsAccumulator | None, measure: bool) -> tuple[QuantizedWeight, LayerRecord]:
+    module = model.get_submodule(name)
+    W = layer_weight(module).float()
+    stats = None if acc is None else acc.result()
+    if stats is not None and stats.nsamples == 0:
+        if needs_calibration(config):
+            raise LowbitError(f"{name}: received no calibration inputs (is it used in the forward pass?)")
+        stats = None
+    t0 = time.perf_counter()
+    try:
+        qw, loss = quantize_weight(W, stats, config, return_loss=True)
+    except LowbitError as e:
+        raise LowbitError(f"{name}: {str(e).removeprefix('weight: ')}") from None
+    seconds = time.perf_counter() - t0
+    qw.dtype = orig_dtype
+    rel = None
+    if measure and stats is not None and stats.hessian is not None:
+        rel = _relative_error(W, qw.dequantize(), stats.hessian)
+    replace_module(model, name, make_quant_linear(module, qw, name))
+    rec = LayerRecord(name, block_idx, tuple(qw.shape), config.method, qw.bits, qw.bits_per_weight(), seconds,
+                      loss, rel, 0 if stats is None else stats.nsamples)
+    return qw, rec
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+# ---- the driver
+
+
+def quantize_model(
+    model: nn.Module,
+    config: MethodConfig | dict,
+    calib: torch.Tensor | None,
+    *,
+    include: list[str] | None = None,
+    ignore: list[str] | None = None,
+    overrides: list[tuple[str, dict]] | None = None,
+    batch_size: int = 8,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    on_layer: Callable[[LayerRecord], None] | None = None,
+    measure_error: bool | None = None,
+) -> QuantizeResult:
+    """Quantize `model` in place (its linears become QuantLinears) and return every QuantizedWeight.
+
+    calib: token windows [n, seqlen] (LongTensor) for HF models; for a generic nn.Module, any batch-first
+    input tensor its forward accepts. measure_error: None = report the relative output error whenever
+    statistics are collected anyway (data-driven methods); True = also run the data for RTN.
+    """
+    t_start = time.perf_counter()
+    adapter = get_adapter(model)
+    plan = LayerPlan(config, include, ignore, list(overrides or []))
+    blocks = adapter.blocks(model)
+    groups = [[[n for n in g if plan.selected(n)] for g in adapter.groups(model, bn, b)] for bn, b in blocks]
+    groups = [[g for g in gs if g] for gs in groups]
+    configs = {n: plan.config_for(n) for gs in groups for g in gs for n in g}
+    plan.warn_unused()
+    if not configs:
+        raise LowbitError("include/ignore patterns leave no layer to quantize")
+
+    needs = any(needs_calibration(c) for c in configs.values())
+    has_data = calib is not None and calib.numel() > 0
+    if needs and not has_data:
+        method = next(c.method for c in configs.values() if needs_calibration(c))
+        raise LowbitError(f"{method} needs calibration data (token windows [n, seqlen]); none were given")
+    if measure_error and not has_data:
+        raise LowbitError("measuring the layer output error needs calibration data; none were given")
+    use_data = needs or bool(measure_error)
+    measure = use_data and measure_error is not False
+    if use_data:
+        _check_calib(model, adapter, calib)
+    if batch_size < 1:
+        raise LowbitError(f"batch_size must be positive, got {batch_size}")
+
+    ckpt = None
+    if checkpoint_dir is not None:
+        fp = _fingerprint(model, plan, configs, calib if use_data else None, batch_size, measure)
+        ckpt = _Checkpoint(Path(checkpoint_dir), fp, len(blocks))
+
+    training = model.training
+    model.eval()
+    qweights: dict[str, QuantizedWeight] = {}
+    records: list[LayerRecord] = []
+    try:
+        with torch.no_grad(), _Bars(progress, len(blocks)) as bars:
+            start = 0
+            if ckpt is not None:
+                start = ckpt.load_finished(qweights, records)
+                swap_in(model, qweights)
+                for _ in range(start):
+                    bars.block_done()
+            hidden = ctxs = None
+            if use_data and start < len(blocks):
+                hidden, ctxs = _block_inputs(model, adapter, blocks[0][1], calib, batch_size)
+                if start > 0:
+                    hidden = ckpt.load_inputs(start, len(hidden))
+            for i in range(start, len(blocks)):
+                name, block = blocks[i]
+                bars.block(name, sum(map(len, groups[i])))
+                done = _quantize_block(model, block, i, groups[i], configs, hidden, ctxs, use_data, measure,
+                                       bars, on_layer, records)
+                qweights.update(done)
+                last = i == len(blocks) - 1
+                if use_data and not last:
+                    _advance(block, hidden, ctxs)
+                if ckpt is not None:
+                    ckpt.save_block(i, done, records, None if (last or not use_data) else hidden)
+                bars.block_done()
+    finally:
+        model.train(training)
+    return QuantizeResult(qweights, records, time.perf_counter() - t_start, _peak_memory_mb(),
+                          resumed_blocks=ckpt.resumed if ckpt else 0)
+
+
+def _check_calib(model: nn.Module, adapter: Adapter, calib: torch.Tensor) -> None:
+    if adapter.blocks_path is None:
+        return  # generic model: whatever its forward accepts
+    if calib.ndim != 2 or calib.is_floating_point():
+        raise LowbitError(f"calibration data must be integer token windows [n, seqlen], got "
+                          f"{calib.dtype} of shape {tuple(calib.shape)}")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and (calib.min() < 0 or calib.max() >= vocab):
+        raise LowbitError(f"calibration token ids must lie in [0, {vocab}); got [{int(calib.min())}, "
+                          f"{int(calib.max())}] — tokenizer and model do not match")
+
+
+def _block_inputs(model, adapter, first_block, calib, batch_size):
+    if adapter.blocks_path is None:  # the whole model is the block: its inputs are the data itself
+        hidden = [_f32(calib[i : i + batch_size]) for i in range(0, calib.shape[0], batch_size)]
+        return hidden, [((), {})] * len(hidden)
+    return _capture(model, first_block, calib, batch_size)
+
+
+def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, measure, bars, on_layer,
+                    records) -> dict[str, QuantizedWeight]:
+    """True-sequential quantization of one block, in float32 (cast back to its dtype afterwards)."""
+    dtype = _float_dtype(block)
+    dtypes = {n: layer_weight(model.get_submodule(n)).dtype for g in groups for n in g}
+    if use_data and dtype not in (None, torch.float32):
+        block.float()
+    out = {}
+    try:
+        for group in groups:
+            data = any(needs_calibration(configs[n]) for n in group) or measure
+            accs = _collect(model, block, group, True, hidden, ctxs) if use_data and data else {}
+            for name in group:
+                qw, rec = _quantize_layer(model, name, idx, configs[name], dtypes[name], accs.pop(name, None),
+                                          measure)
+                out[name] = qw
+                records.append(rec)
+                bars.layer(name)
+                if on_layer is not None:
+                    on_layer(rec)
+    finally:
+        if use_data and dtype not in (None, torch.float32):
+            block.to(dtype)
+        for m in block.modules():  # drop float32 dequantization caches made during calibration
+            if isinstance(m, QuantLinear):
+                m._cache = None
+    return out
+
+
+def _advance(block: nn.Module, hidden: list, ctxs: list) -> None:
+    """Replace each batch's inputs by the quantized block's outputs, in place: one block's activations live."""
+    dtype = _float_dtype(block)
+    if dtype not in (None, torch.float32):
+        block.float()
+    try:
+        for j, (h, ctx) in enumerate(zip(hidden, ctxs)):
+            hidden[j] = _f32(_run(block, h, ctx))
+    finally:
+        if dtype not in (None, torch.float32):
+            block.to(dtype)
+        for m in block.modules():
+            if isinstance(m, QuantLinear):
+                m._cache = None
+
+
+# ---- resume
+
+
+def _sha(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()[:32]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return str((tuple(t.shape), t.dtype)).encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _fingerprint(model, plan: LayerPlan, configs, calib, batch_size: int, measure: bool) -> dict[str, str]:
+    """What a checkpoint depends on, hashed per part so a refusal can say which part changed."""
+    settings = {"config": plan.base.model_dump(), "include": plan.include, "ignore": plan.ignore,
+                "overrides": [[p, d] for p, d in plan.overrides], "batch_size": batch_size, "measure": measure,
+                "lowbit": lowbit.__version__}
+    cfg = getattr(model, "config", None)
+    model_desc = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else str(model)
+    first, last = next(iter(configs)), list(configs)[-1]
+    return {
+        "settings": _sha(json.dumps(settings, sort_keys=True, default=str).encode()),
+        "calibration": _sha(b"none" if calib is None else _tensor_bytes(calib)),
+        "model": _sha(type(model).__name__.encode(), model_desc.encode(),
+                      _tensor_bytes(layer_weight(model.get_submodule(first))),
+                      _tensor_bytes(layer_weight(model.get_submodule(last)))),
+    }
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class _Checkpoint:
+    """Per-block checkpoints in one directory (safetensors + JSON, each file written atomically):
+
+    block-00003.safetensors / .json  the block's QuantizedWeights (`to_state()`) and layer records
+    inputs-00004.safetensors         float32 inputs of block 4, one tensor per calibration batch
+    progress.json                    {"fingerprint": ..., "n_blocks": N, "done": 4}, written last
+    """
+
+    def __init__(self, root: Path, fingerprint: dict[str, str], n_blocks: int):
+        self.root, self.fp, self.n_blocks, self.resumed = root, fingerprint, n_blocks, 0
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _progress(self) -> dict | None:
+        p = self.root / "progress.json"
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LowbitError(f"unreadable checkpoint {p}: {e}; delete {self.root} to start over") from None
+
+    def load_finished(self, qweights: dict, records: list) -> int:
+        prog = self._progress()
+        if prog is None:
+            return 0
+        old = prog.get("fingerprint", {})
+        changed = [k for k in self.fp if old.get(k) != self.fp[k]]
+        if changed or prog.get("n_blocks") != self.n_blocks:
+            raise LowbitError(f"checkpoint in {self.root} was made with a different {', '.join(changed) or 'model'}; "
+                              f"use the same inputs to resume or delete the directory to start over")
+        try:
+            done = int(prog["done"])
+            for i in range(done):
+                meta = json.loads((self.root / f"block-{i:05d}.json").read_text())
+                tensors = load_file(self.root / f"block-{i:05d}.safetensors")
+                for name, m in meta["layers"].items():
+                    t = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + "/")}
+                    qweights[name] = QuantizedWeight.from_state(t, m)
+                records.extend(LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"])
+        except (OSError, KeyError, TypeError, ValueError, SafetensorError) as e:
+            raise LowbitError(f"damaged checkpoint in {self.root} ({e}); delete it to start over") from None
+        self.resumed = done
+        return done
+
+    def load_inputs(self, block: int, n_batches: int) -> list[torch.Tensor]:
+        p = self.root / f"inputs-{block:05d}.safetensors"
+        if not p.exists():
+            raise LowbitError(f"checkpoint in {self.root} lacks the inputs of block {block}; delete it to start over")
+        t = load_file(p)
+        if len(t) != n_batches:
+            raise LowbitError(f"checkpoint inputs of block {block} have {len(t)} batches, expected {n_batches}")
+        return [t[f"batch.{j}"] for j in range(n_batches)]
+
+    def save_block(self, i: int, done: dict[str, QuantizedWeight], records: list[LayerRecord],
+                   next_inputs: list[torch.Tensor] | None) -> None:
+        tensors, metas = {}, {}
+        for name, qw in done.items():
+            t, metas[name] = qw.to_state()
+            tensors.update({f"{name}/{k}": v for k, v in t.items()})
+        recs = [r.as_dict() for r in records if r.block == i]
+        _atomic(self.root / f"block-{i:05d}.safetensors", lambda p: save_file(tensors, str(p)))
+        _atomic(self.root / f"block-{i:05d}.json",
+                lambda p: p.write_text(json.dumps({"layers": metas, "records": recs})))
+        if next_inputs is not None:
+            inputs = {f"batch.{j}": h.contiguous() for j, h in enumerate(next_inputs)}
+            _atomic(self.root / f"inputs-{i + 1:05d}.safetensors", lambda p: save_file(inputs, str(p)))
+        prog = {"format": "lowbit-partial/1", "fingerprint": self.fp, "n_blocks": self.n_blocks, "done": i + 1}
+        _atomic(self.root / "progress.json", lambda p: p.write_text(json.dumps(prog, indent=1)))
+        (self.root / f"inputs-{i:05d}.safetensors").unlink(missing_ok=True)
