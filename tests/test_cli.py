@@ -57,8 +57,10 @@ def test_quantize_writes_native_format(quantized):
     cfg = json.loads((quantized / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "lowbit" and qc["method"] == "gptq"
-    # 4-bit codes + fp16 scale + 4-bit zero per 32 columns: 4 + 20/32 bits per weight.
+    # 4-bit codes + fp16 scale + 4-bit zero per 32 columns: 4 + 20/32 bits per weight (act-order with
+    # static groups, the default, stores no g_idx).
     assert qc["bits_per_weight"] == pytest.approx(4 + 20 / 32, abs=1e-9)
+    assert qc["config"]["act_order"] and qc["config"]["static_groups"]
     assert not any(p.name.startswith(".") for p in quantized.parent.iterdir()), "checkpoint or temp dir left behind"
 
 
@@ -66,9 +68,9 @@ def test_eval_quantized_against_base(quantized, tiny_model_dir):
     res = run("eval", quantized, "--base", tiny_model_dir, "--seqlen", "64", "--max-windows", "16",
               "--kl-windows", "8", "--json")
     assert res.exit_code == 0, res.output
-    r = json.loads(res.output)
+    r = json.loads(res.stdout)
     assert r["n_windows"] == 16 and r["seqlen"] == 64
-    base = json.loads(run("eval", tiny_model_dir, "--seqlen", "64", "--max-windows", "16", "--json").output)
+    base = json.loads(run("eval", tiny_model_dir, "--seqlen", "64", "--max-windows", "16", "--json").stdout)
     # 4-bit g32 damage on a tiny model: visible but small.
     assert base["ppl"] < r["ppl"] < 1.5 * base["ppl"]
     assert 0 < r["kl"] < 0.5

@@ -288,7 +288,7 @@ def test_gptq_dynamic_groups_read_block_level_w(case, act_order):
     gs, static, B = case
     W, H = (W512[:, :384], H512[:384, :384]) if gs == 128 else (W512, H512)
     for bits, sym in ([(4, False)] if act_order else [(2, False)]):
-        cfg = GPTQConfig(bits=bits, group_size=gs, symmetric=sym, act_order=act_order, block_size=B)
+        cfg = GPTQConfig(bits=bits, group_size=gs, symmetric=sym, act_order=act_order, block_size=B, static_groups=False)
         qw, loss = gptq_quantize(W, H, cfg, dtype=torch.float64, return_loss=True)
         ref = ref_gptq(W, H, bits, sym, gs, act_order, False, block_size=B, group_read="block")
         compare(qw, ref, loss)
@@ -300,7 +300,7 @@ def test_gptq_dynamic_groups_read_block_level_w(case, act_order):
 def test_gptq_block_size_not_dividing_columns():
     W, H = W512[:, :384], H512[:384, :384]
     for gs in (-1, 128):
-        cfg = GPTQConfig(bits=4, group_size=gs, act_order=gs > 0, block_size=256)  # blocks 0..256, 256..384
+        cfg = GPTQConfig(bits=4, group_size=gs, act_order=gs > 0, block_size=256, static_groups=False)  # blocks 0..256, 256..384
         qw, loss = gptq_quantize(W, H, cfg, dtype=torch.float64, return_loss=True)
         compare(qw, ref_gptq(W, H, 4, False, gs, gs > 0, block_size=256), loss)
 
@@ -308,7 +308,7 @@ def test_gptq_block_size_not_dividing_columns():
 def test_gptq_all_inputs_dead_gives_zero_weight():
     W = W512[:8, :64]
     H = torch.zeros(64, 64)
-    qw = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=32), dtype=torch.float64)
+    qw = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=32, static_groups=False), dtype=torch.float64)
     compare(qw, ref_gptq(W, H, 4, False, 32, True))
     assert torch.equal(qw.dequantize(), torch.zeros(8, 64))
 
@@ -320,7 +320,7 @@ def test_gptq_all_inputs_dead_gives_zero_weight():
 def test_gptq_per_channel_params_like_reference_with_dead_columns():
     W = W512.clone()
     W[:, list(DEAD)] = 0.5  # dead inputs carrying the row maximum
-    cfg = GPTQConfig(bits=4, group_size=-1, act_order=True)
+    cfg = GPTQConfig(bits=4, group_size=-1, act_order=True, static_groups=False)
     qw = gptq_quantize(W, H512, cfg, dtype=torch.float64)
     compare(qw, ref_gptq(W, H512, 4, False, -1, True, channel_params_before_dead_fix=True))
 
@@ -337,7 +337,7 @@ def test_float32_default_agrees_with_float64():
     W, H = W512, H512
     X_test = make_inputs(2048, 512, seed=7, dead=DEAD)
     for gs, ao, bits in ((128, True, 4), (-1, False, 4), (32, True, 3)):
-        cfg = GPTQConfig(bits=bits, group_size=gs, act_order=ao)
+        cfg = GPTQConfig(bits=bits, group_size=gs, act_order=ao, static_groups=False)
         q32 = gptq_quantize(W, H, cfg)
         q64 = gptq_quantize(W, H, cfg, dtype=torch.float64)
         agree = (q32.codes == q64.codes).double().mean().item()
@@ -354,7 +354,7 @@ def test_act_order_g_idx_only_for_dynamic_groups():
                                    (0, False, True, False)):
         qw = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=gs, static_groups=static, act_order=ao))
         assert (qw.grid.g_idx is not None) == expect, (gs, static, ao)
-    qw = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=128, act_order=True), dtype=torch.float64)
+    qw = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=128, act_order=True, static_groups=False), dtype=torch.float64)
     ref = ref_gptq(W, H, 4, False, 128, True)
     # g_idx[c] = (sweep position of original column c) // group size
     inv = np.argsort(ref["perm"])
@@ -378,7 +378,7 @@ def test_gptq_beats_rtn_on_held_out_inputs(bits, gs):
     rtn = _layer_err(X_test, W, rtn_quantize(W, RTNConfig(bits=bits, group_size=gs)).dequantize())
     res = {}
     for ao in (False, True):
-        qw = gptq_quantize(W, H, GPTQConfig(bits=bits, group_size=gs, act_order=ao))
+        qw = gptq_quantize(W, H, GPTQConfig(bits=bits, group_size=gs, act_order=ao, static_groups=False))
         res[ao] = _layer_err(X_test, W, qw.dequantize())
     # measured, GPTQ/RTN output-error ratio (act-order off / on): 4-bit per channel 0.314 / 0.249,
     # g128 0.315 / 0.246; 3-bit per channel 0.314 / 0.250, g128 0.318 / 0.241 (RTN errors 0.201, 0.141,
@@ -402,25 +402,25 @@ def test_bad_hessian_raises(make_bad):
     make_bad(H)
     for ao in (False, True):
         with pytest.raises(LowbitError):
-            gptq_quantize(W512[:16, :64], H, GPTQConfig(bits=4, group_size=32, act_order=ao))
+            gptq_quantize(W512[:16, :64], H, GPTQConfig(bits=4, group_size=32, act_order=ao, static_groups=False))
 
 
 def test_bad_inputs_raise():
     W, H = W512[:16, :64], H512[:64, :64]
     with pytest.raises(LowbitError):
-        gptq_quantize(W, H[:32, :32], GPTQConfig(bits=4, group_size=32))
+        gptq_quantize(W, H[:32, :32], GPTQConfig(bits=4, group_size=32, static_groups=False))
     with pytest.raises(LowbitError):
-        gptq_quantize(W, None, GPTQConfig(bits=4, group_size=32))
+        gptq_quantize(W, None, GPTQConfig(bits=4, group_size=32, static_groups=False))
     with pytest.raises(LowbitError):
-        gptq_quantize(W, H, GPTQConfig(bits=4, group_size=48))  # does not divide 64
+        gptq_quantize(W, H, GPTQConfig(bits=4, group_size=48, static_groups=False))  # does not divide 64
     Wn = W.clone()
     Wn[2, 3] = float("nan")
     with pytest.raises(LowbitError):
-        gptq_quantize(Wn, H, GPTQConfig(bits=4, group_size=32))
+        gptq_quantize(Wn, H, GPTQConfig(bits=4, group_size=32, static_groups=False))
 
 
 def test_deterministic():
-    cfg = GPTQConfig(bits=3, group_size=64, act_order=True)
+    cfg = GPTQConfig(bits=3, group_size=64, act_order=True, static_groups=False)
     a = gptq_quantize(W512, H512, cfg)
     b = gptq_quantize(W512, H512, cfg)
     assert torch.equal(a.codes, b.codes)
@@ -431,5 +431,5 @@ def test_deterministic():
 
 def test_inputs_not_modified():
     W, H = W512.clone(), H512.clone()
-    gptq_quantize(W, H, GPTQConfig(bits=4, group_size=128))
+    gptq_quantize(W, H, GPTQConfig(bits=4, group_size=128, static_groups=False))
     assert torch.equal(W, W512) and torch.equal(H, H512)

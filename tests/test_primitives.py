@@ -398,12 +398,6 @@ def test_mxint_sqnr_8bit_far_above_4bit():
     assert torch.equal(qw.dequantize(), fake_quantize_mxint(w, 4, 16))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (reported): affine_qparams clamps the fp16 scale at torch.finfo(float16).tiny = 6.1e-5, the "
-    "smallest *normal* fp16, so any group whose range is below 6.1e-5·(2^b − 1) gets a coarser grid than "
-    "min-max: 8-bit g128 on N(0, 0.002²) weights 41.1 dB instead of 44.5, N(0, 0.0005²) 29.0 dB; 4-bit "
-    "N(0, 1e-4²) 15.1 instead of 19.9 dB. Clamping at the smallest fp16 subnormal (2^-24) gives 44.5 / "
-    "44.5 / 19.9 dB."))
 @pytest.mark.parametrize("std,bits", [(0.002, 8), (0.0005, 8), (1e-4, 4)])
 def test_small_magnitude_weights_keep_min_max_quality(std, bits):
     w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * std

@@ -93,12 +93,12 @@ def test_bpw_mxint4_block16():
 
 def test_bpw_act_order_g_idx():
     W, H = _w(256, 512), _hessian(512)
-    dyn = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=128, act_order=True))
+    dyn = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=128, act_order=True, static_groups=False))
     assert dyn.grid.g_idx is not None and dyn.grid.g_idx.dtype == torch.int32
     assert dyn.bits_per_weight() == 4.15625 + 32 * 512 / (256 * 512)
     static = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=128, act_order=True, static_groups=True))
     assert static.grid.g_idx is None and static.bits_per_weight() == 4.15625
-    plain = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=128, act_order=False))
+    plain = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=128, act_order=False, static_groups=False))
     assert plain.grid.g_idx is None and plain.bits_per_weight() == 4.15625
 
 

@@ -96,6 +96,6 @@ def eval_job(model_path: str, *, base: str | None = None, seqlen: int | None = N
         if base_model is None:
             base_model, _ = load_model(base)
         kw = windows if kl_windows is None else windows[:kl_windows]
-        kl = kl_divergence(base_model, model, kw, batch_size=batch_size)
+        kl = kl_divergence(model, base_model, kw, batch_size=batch_size)
         res.update({"kl": kl.kl_mean, "top1_agreement": kl.top1_agreement, "kl_windows": kw.shape[0]})
     return res

@@ -79,7 +79,9 @@ def affine_qparams(
     xmax = torch.where(dead, 1.0, xmax)
     # Rounded to the stored dtype first: codes are fitted to the scale that will be deployed.
     scale = ((xmax - xmin) / maxq).to(SCALE_DTYPE)
-    scale = scale.clamp(min=torch.finfo(SCALE_DTYPE).tiny)
+    # Floor at the smallest fp16 subnormal (2^-24), not the smallest normal: tiny-range groups keep a
+    # min-max grid instead of a needlessly coarse one.
+    scale = scale.clamp(min=2.0**-24)
     if symmetric:
         zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int32)
     else:
