@@ -88,11 +88,12 @@ def gptq_breakdown(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> dict[st
     rows, cols = W.shape
     B = cfg.block_size
     Wt = torch.randn(rows, cols)
-    Err = torch.randn(rows, B)
+    Err = torch.randn(B, rows)  # the sweep keeps a block's errors transposed, [B, out]
     t5 = time.perf_counter()
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
-        Wt[:, i2:] -= Err[:, : i2 - i1] @ U[i1:i2, i2:]
+        if i2 < cols:
+            Wt[:, i2:].addmm_(Err[: i2 - i1].T, U[i1:i2, i2:], alpha=-1)
     t6 = time.perf_counter()
     out.update(prepare_s=t1 - t0, factorizations_s=t2 - t1, grid_init_s=t3 - t2, sweep_s=t4 - t3,
                sweep_block_gemms_s=t6 - t5, sweep_column_loop_s=(t4 - t3) - (t6 - t5))
@@ -199,7 +200,8 @@ def main() -> None:
         return
 
     shapes = QUICK if a.quick else FULL
-    gcfg = GPTQConfig(bits=4, group_size=128, symmetric=False, act_order=True, block_size=128)
+    gcfg = GPTQConfig(bits=4, group_size=128, symmetric=False, act_order=True, block_size=128,
+                      static_groups=False)
     rcfg = RTNConfig(bits=4, group_size=128, symmetric=False)
     res = {"machine": machine(), "quick": a.quick,
            "settings": "4-bit asymmetric, group 128, act-order (dynamic groups, g_idx), block 128, damp 0.01, "

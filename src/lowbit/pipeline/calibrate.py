@@ -125,6 +125,14 @@ def _relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float
 
 
 def _peak_memory_mb() -> float:
+    """This process's peak resident memory. On Linux VmHWM, because ru_maxrss survives exec and would
+    report the parent's peak for a `lowbit quantize` started from a bigger process."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     try:
         import resource
         import sys
