@@ -20,14 +20,6 @@ from lowbit.eval.report import layer_error_report, results_table, write_results
 VOCAB = 80
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: OpenMP threads only add synchronisation, and stall badly on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class UniformLM(nn.Module):
     """Predicts the uniform distribution everywhere: perplexity must be exactly the vocabulary size."""

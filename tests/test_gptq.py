@@ -45,16 +45,6 @@ CODE_TIE = 1e-8
 MAX_TIED_ROW_FRACTION = 0.02
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These small-matrix tests are dominated by per-op overhead. With 2 threads on the 2 shared cores,
-    OpenMP workers spin against other jobs: 84 s vs 20 s (1 thread) for the four core test files
-    while another test process was running. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------------------
 # the independent reference

@@ -26,14 +26,6 @@ GRIDS = [RTNConfig(bits=4, group_size=32), RTNConfig(bits=3, group_size=32, symm
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: OpenMP threads only add synchronisation, and stall badly on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_llama(tied: bool, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)

@@ -85,14 +85,6 @@ def qw_equal(a, b) -> bool:
     return ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: on a shared 2-core machine, intra-op threads only add contention (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 GPTQ4 = GPTQConfig(bits=4, group_size=32)
 RTN4 = RTNConfig(bits=4, group_size=32)

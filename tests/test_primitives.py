@@ -41,16 +41,6 @@ TIE_REL = 2.0**-20  # a float64 value this close (relative) to a rounding bounda
 MAX_TIE_FRACTION = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These small-matrix tests are dominated by per-op overhead. With 2 threads on the 2 shared cores,
-    OpenMP workers spin against other jobs: 84 s vs 20 s (1 thread) for the four core test files
-    while another test process was running. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------------------
 # Independent float64 reference of the GPTQ min-max grid

@@ -21,16 +21,6 @@ from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.rtn import rtn_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These small-matrix tests are dominated by per-op overhead. With 2 threads on the 2 shared cores,
-    OpenMP workers spin against other jobs: 84 s vs 20 s (1 thread) for the four core test files
-    while another test process was running. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _w(rows, cols, seed=0):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02

@@ -68,8 +68,8 @@ def run_demo(results: Path, *, data: str | None = None, max_windows: int | None 
                 f"({base['n_tokens']} tokens); KL(fp32 ‖ quantized) on the first {min(kl_windows, base['n_windows'])} "
                 f"windows; bits per weight count codes, scales, zeros and g_idx of the quantized linears; "
                 f"calibration 128 × {base['seqlen']}-token windows of C4 documents not used for training.")
-    md, table = results_table(rows, COLUMNS)
-    console.print(table)
-    console.print(protocol)
+    md, _ = results_table(rows, COLUMNS)
+    print(md)  # Markdown, not a rich table: readable in any terminal width and in CI logs
+    print(protocol)
     write_results(rows, results, stem, note=protocol)
     return rows
