@@ -50,6 +50,8 @@ def quantize(
     static_groups: Optional[bool] = typer.Option(None, "--static-groups/--dynamic-groups", help="GPTQ: group params from the original W, so act-order needs no g_idx (default static; dynamic stores g_idx, 32 bits per input column)."),
     damp_percent: Optional[float] = typer.Option(None, help="GPTQ dampening as a fraction of mean diag(H) (default 0.01)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="RTN: int | mxint (default int)."),
+    lqer_rank: Optional[int] = typer.Option(None, help="Add LQER low-rank error correction of this rank (fp16 factors, counted in bits)."),
+    lqer_scale: Optional[str] = typer.Option(None, help="LQER scale: none (plain LQER) | act-mean (L²QER, default) | act-rms | exact (R_xx^½)."),
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags given explicitly override it."),
     calib_dataset: Optional[str] = typer.Option(None, help="c4 | wikitext2-valid | text (default c4, documents never used to train the reference model)."),
     calib_file: Optional[Path] = typer.Option(None, help="Text file for --calib-dataset text."),
@@ -69,6 +71,10 @@ def quantize(
     q = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
                                    act_order=act_order, static_groups=static_groups,
                                    damp_percent=damp_percent, format=fmt).items() if v is not None}
+    if lqer_rank is not None or lqer_scale is not None:
+        lr = base.quant.lqer.model_dump() if base.quant.lqer is not None else {}
+        lr.update({k: v for k, v in dict(rank=lqer_rank, scale=lqer_scale).items() if v is not None})
+        q["lqer"] = lr
     c = {k: v for k, v in dict(dataset=calib_dataset, path=str(calib_file) if calib_file else None,
                                    n_samples=calib_samples, seqlen=calib_seqlen, seed=seed).items() if v is not None}
     r = merge(base, q, c)

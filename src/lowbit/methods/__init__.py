@@ -15,6 +15,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods.config import GPTQConfig, MethodConfig, RTNConfig
 from lowbit.methods.gptq import gptq_quantize
+from lowbit.methods.lqer import lqer
 from lowbit.methods.rtn import rtn_quantize
 from lowbit.methods.stats import LayerStats, StatsAccumulator
 
@@ -52,8 +53,9 @@ def _entry(config: MethodConfig) -> tuple[Callable[..., Result], bool]:
 
 
 def needs_calibration(config: MethodConfig) -> bool:
-    """True when the method needs input statistics (so the pipeline must run calibration data)."""
-    return _entry(config)[1]
+    """True when the method (or its low-rank step's activation scale) needs input statistics."""
+    lr = getattr(config, "lqer", None)
+    return _entry(config)[1] or (lr is not None and lr.scale != "none")
 
 
 def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodConfig, *,
@@ -63,6 +65,9 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodCon
     if needs and (stats is None or stats.hessian is None):
         raise LowbitError(f"{config.method} needs calibration statistics (a Hessian) for every layer")
     qw, loss = fn(W, stats, config)
+    if config.lqer is not None:
+        # LQER: factors of the error against the exact deployed Ŵ of the base grid.
+        qw = lqer(qw, W, stats, config.lqer)
     return (qw, loss) if return_loss else qw
 
 

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lowbit.formats.quant_primitives import SUPPORTED_BITS
+
+
+ScaleKind = Literal["none", "act-mean", "act-rms", "exact"]
+
+
+class LQERConfig(BaseModel):
+    """Low-rank reconstruction of the quantization error (LQER / L²QER), applied on top of any base grid."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(32, ge=1)
+    scale: ScaleKind = "act-mean"  # none = LQER; act-mean = L²QER; act-rms; exact = R_xx^½ (QERA)
+    svd: Literal["auto", "full", "randomized"] = "auto"  # auto: randomized when rank ≪ min(in, out)
+    oversample: int = Field(16, ge=0)  # extra random directions of the randomized range finder
+    power_iters: int = Field(4, ge=0)  # subspace iterations: the error spectrum decays slowly
+    seed: int = 0
+    factor_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    exact_damp: float = Field(1e-6, ge=0)  # eigenvalue floor of R, relative to its mean, for R^-½
 
 
 class WeightQuantConfig(BaseModel):
@@ -21,6 +39,7 @@ class WeightQuantConfig(BaseModel):
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    lqer: LQERConfig | None = None  # optional low-rank error correction on top of this grid
 
     @field_validator("bits")
     @classmethod

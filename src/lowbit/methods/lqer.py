@@ -20,30 +20,14 @@ R = XᵀX/N = H/2. The minimiser over rank-k products is, by Eckart–Young in t
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from lowbit.errors import LowbitError
 from lowbit.formats.quantized_weight import LowRank, QuantizedWeight
+from lowbit.methods.config import LQERConfig, ScaleKind
 from lowbit.methods.stats import LayerStats
 
-ScaleKind = Literal["none", "act-mean", "act-rms", "exact"]
 FACTOR_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class LQERConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(32, ge=1)
-    scale: ScaleKind = "act-mean"
-    svd: Literal["auto", "full", "randomized"] = "auto"  # auto: randomized when rank ≪ min(in, out)
-    oversample: int = Field(16, ge=0)  # extra random directions of the randomized range finder
-    power_iters: int = Field(4, ge=0)  # subspace iterations: the error spectrum decays slowly
-    seed: int = 0
-    factor_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
-    exact_damp: float = Field(1e-6, ge=0)  # eigenvalue floor of R, relative to its mean, for R^-½
 
 
 def _normalise(s: torch.Tensor) -> torch.Tensor:
