@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -180,16 +179,11 @@ class _progress:
             self.bar.__exit__(*exc)
 
 
-@torch.inference_mode()
 def perplexity(model: LlamaForCausalLM, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over all windows (each window scored on its own, GPTQ style)."""
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch_size):
-        x = windows[i:i + batch_size]
-        logits = model(input_ids=x).logits[:, :-1]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
-        count += x[:, 1:].numel()
-    return math.exp(total / count)
+    """WikiText-style perplexity by the project's one implementation (lowbit.eval.perplexity)."""
+    from lowbit.eval.perplexity import perplexity as _perplexity
+
+    return _perplexity(model, windows, batch_size=batch_size).ppl
 
 
 # --- building and caching ------------------------------------------------------------------------
