@@ -126,21 +126,13 @@ def test_nan_weights(tiny_model_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_empty_calibration_text(tiny_model_dir, tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
+@pytest.mark.parametrize("text,reason", [("", "is empty"), ("only a few words here.", "need at least 65")])
+def test_bad_calibration_text(tiny_model_dir, tmp_path, text, reason):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text)
     res = run("quantize", tiny_model_dir, "-o", tmp_path / "o", *GPTQ_ARGS, "--calib-dataset", "text",
-              "--calib-file", empty)
-    assert_clean_error(res)
-    assert not (tmp_path / "o").exists()
-
-
-def test_too_short_calibration_text(tiny_model_dir, tmp_path):
-    short = tmp_path / "short.txt"
-    short.write_text("only a few words here.")
-    res = run("quantize", tiny_model_dir, "-o", tmp_path / "o", *GPTQ_ARGS, "--calib-dataset", "text",
-              "--calib-file", short)
-    assert_clean_error(res)
+              "--calib-file", calib)
+    assert_clean_error(res, reason)
     assert not (tmp_path / "o").exists()
 
 

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lowbit.errors import LowbitError
-from lowbit.methods.config import GPTQConfig, RTNConfig
-
-MethodConfigField = Annotated[RTNConfig | GPTQConfig, Field(discriminator="method")]
+from lowbit.methods import MethodConfigField
+from lowbit.methods.config import GPTQConfig
 
 
 class CalibrationConfig(BaseModel):

@@ -98,10 +98,12 @@ def gptq_quantize(W: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig,
     check_hessian(hessian, W.shape[1])
     Wf, H, perm = prepare_hessian(W.to(dtype), hessian.to(dtype), config.act_order, config.damp_percent)
     U = inverse_cholesky_upper(H)
-    grid = UniformColumnGrid(Wf if perm is None else Wf[:, torch.argsort(perm)], config.bits, config.symmetric,
+    inv = None if perm is None else torch.argsort(perm)
+    # Static params come from W in original column order (the dead-fixed W, before the sweep mutates it).
+    grid = UniformColumnGrid(Wf if inv is None else Wf[:, inv], config.bits, config.symmetric,
                              config.group_size, config.static_groups, perm)
     codes, loss = gptq_sweep(Wf, U, grid, config.block_size)
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+    if inv is not None:
+        codes = codes[:, inv]
     qw = QuantizedWeight(W.shape, W.dtype, grid.finish(perm), codes)
     return (qw, loss) if return_loss else qw
