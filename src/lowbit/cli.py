@@ -18,6 +18,8 @@ app = typer.Typer(help="lowbit: make language models small (quantize, evaluate, 
 reference_app = typer.Typer(help="The small reference LLaMA model used by the demo, tests and benches.",
                             no_args_is_help=True)
 app.add_typer(reference_app, name="reference")
+plot_app = typer.Typer(help="Figures.", no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
 console = Console(stderr=True)
 
 DATA_HELP = "Data directory (default: $LOWBIT_DATA, else ../shared/data when present)."
@@ -42,7 +44,7 @@ def clean_errors(fn):
 def quantize(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: Optional[str] = typer.Option(None, help="rtn | gptq (default gptq, or the recipe's)."),
+    method: Optional[str] = typer.Option(None, help="rtn | gptq | claq | squeezellm (default gptq, or the recipe's)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits: 2-8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128)."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (default asymmetric)."),
@@ -50,8 +52,16 @@ def quantize(
     static_groups: Optional[bool] = typer.Option(None, "--static-groups/--dynamic-groups", help="GPTQ: group params from the original W, so act-order needs no g_idx (default static; dynamic stores g_idx, 32 bits per input column)."),
     damp_percent: Optional[float] = typer.Option(None, help="GPTQ dampening as a fraction of mean diag(H) (default 0.01)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="RTN: int | mxint (default int)."),
-    lqer_rank: Optional[int] = typer.Option(None, help="Add LQER low-rank error correction of this rank (fp16 factors, counted in bits)."),
+    lqer_rank: Optional[int] = typer.Option(None, help="Add LQER low-rank error correction of this rank (factors counted in bits per weight)."),
     lqer_scale: Optional[str] = typer.Option(None, help="LQER scale: none (plain LQER) | act-mean (L²QER, default) | act-rms | exact (R_xx^½)."),
+    lqer_factors: Optional[str] = typer.Option(None, help="LQER factor storage: fp16 (default) | bf16 | fp32 | int8 | mxint8."),
+    lqer_energy: Optional[float] = typer.Option(None, help="LQER per-layer rank: the least reaching this share (0-1] of the scaled error energy."),
+    lqer_bits: Optional[float] = typer.Option(None, help="LQER per-layer rank: the largest keeping bits per weight (factors included) within this budget."),
+    act_bits: Optional[int] = typer.Option(None, help="Fake-quantize activations (W4A8: 8): per-token MXINT, block 16, of every quantized linear's input and low-rank intermediates (default: weight-only)."),
+    claq_target_bits: Optional[float] = typer.Option(None, help="CLAQ adaptive precision: mean code bits T; a share (T − bits)/(4 − bits) of the columns, by Outlier Order, gets 4 bits."),
+    claq_outliers: Optional[str] = typer.Option(None, help="CLAQ outlier reservation: none (default) | dynamic (1.4%/0.4% per tail) | a fraction per tail (fp16 values + int32 positions, counted in bits)."),
+    codebook_bits: Optional[int] = typer.Option(None, help="CLAQ/SqueezeLLM codebook entries: 16 (fp16, default) | 8 (uint8 on a per-vector affine grid)."),
+    claq_fit: Optional[str] = typer.Option(None, help="CLAQ codebook fit: column (refit on each updated column, the paper's; default) | block (one batch per 128-column block, ~10x faster)."),
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags given explicitly override it."),
     calib_dataset: Optional[str] = typer.Option(None, help="c4 | wikitext2-valid | text (default c4, documents never used to train the reference model)."),
     calib_file: Optional[Path] = typer.Option(None, help="Text file for --calib-dataset text."),
@@ -70,11 +80,22 @@ def quantize(
     base = load_recipe(recipe) if recipe else Recipe()
     q = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
                                    act_order=act_order, static_groups=static_groups,
-                                   damp_percent=damp_percent, format=fmt).items() if v is not None}
-    if lqer_rank is not None or lqer_scale is not None:
+                                   damp_percent=damp_percent, format=fmt, target_bits=claq_target_bits,
+                                   outliers=claq_outliers, codebook_bits=codebook_bits,
+                                   fit=claq_fit).items() if v is not None}
+    if q.get("method", base.quant.method) in ("claq", "squeezellm") and group_size is None:
+        q["group_size"] = -1  # one codebook per column / row: a recipe's group size does not carry over
+    lq = {k: v for k, v in dict(rank=lqer_rank, scale=lqer_scale, factor_dtype=lqer_factors,
+                                 rank_energy=lqer_energy, target_bits=lqer_bits).items() if v is not None}
+    if lq:
         lr = base.quant.lqer.model_dump() if base.quant.lqer is not None else {}
-        lr.update({k: v for k, v in dict(rank=lqer_rank, scale=lqer_scale).items() if v is not None})
+        if "rank_energy" in lq or "target_bits" in lq or "rank" in lq:  # one rank rule: the flag's
+            lr.update(rank_energy=None, target_bits=None)
+        lr.update(lq)
         q["lqer"] = lr
+    if act_bits is not None:
+        act = base.quant.act.model_dump() if base.quant.act is not None else {}
+        q["act"] = {**act, "bits": act_bits}
     c = {k: v for k, v in dict(dataset=calib_dataset, path=str(calib_file) if calib_file else None,
                                    n_samples=calib_samples, seqlen=calib_seqlen, seed=seed).items() if v is not None}
     r = merge(base, q, c)
@@ -117,6 +138,41 @@ def eval_cmd(
     print(line)
 
 
+@plot_app.command("spectrum")
+@clean_errors
+def plot_spectrum(
+    model: str = typer.Argument(..., help="HF model directory (unquantized)."),
+    out: Path = typer.Option(..., "-o", "--out", help="PNG file to write."),
+    layers: Optional[str] = typer.Option(None, help="Regex over full layer names (default: every decoder linear)."),
+    bits: int = typer.Option(3, help="RTN bits of the error E = W − Ŵ (the paper's figure: 3)."),
+    group_size: int = typer.Option(128, help="Group size (int) along the input dim; -1 per channel."),
+    fmt: str = typer.Option("int", "--format", help="int | mxint (block 16)."),
+    calib_samples: int = typer.Option(32, help="Calibration windows for the activation scale S."),
+    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per window (default min(2048, model max positions))."),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP),
+):
+    """Normalised singular values of E and of S·E per layer (LQER paper, Figure 1a)."""
+    from lowbit.eval.spectrum import activation_stats, layer_spectra, plot_spectra, selected_layers
+    from lowbit.io.native import is_quantized_dir, load_model
+    from lowbit.jobs import calibration_data
+    from lowbit.methods import parse_method_config
+    from lowbit.recipe import make_recipe
+
+    cfg = parse_method_config({"method": "rtn", "bits": bits, "group_size": group_size, "format": fmt})
+    if is_quantized_dir(model):
+        raise LowbitError(f"{model} is already quantized; plot the spectrum of the original model")
+    m, tok = load_model(model)
+    if tok is None:
+        raise LowbitError(f"{model} has no tokenizer files; calibration text cannot be tokenized")
+    names = selected_layers(m, layers)
+    recipe = make_recipe({"calibration": {"n_samples": calib_samples, "seqlen": calib_seqlen}})
+    stats = activation_stats(m, names, calibration_data(recipe, tok, m, data))
+    spectra = layer_spectra(m, names, stats, cfg.bits, cfg.group_size, cfg.format)
+    grid = f"MXINT{bits} block 16" if fmt == "mxint" else f"INT{bits} g{group_size}"
+    plot_spectra(spectra, out, f"{Path(model).name}: normalised singular values of E and S·E ({grid})")
+    print(f"wrote {out} ({len(names)} layers)")
+
+
 @reference_app.command("build")
 @clean_errors
 def reference_build(force: bool = typer.Option(False, help="Rebuild even if cached."),
@@ -148,6 +204,21 @@ def demo(
     from lowbit.demo import run_demo
 
     run_demo(results, data=data, max_windows=max_windows, kl_windows=kl_windows)
+
+
+from lowbit.export.cli import export_cmd  # noqa: E402  (typer-only modules: cheap to import)
+from lowbit.kernels.cli import generate_cmd  # noqa: E402
+
+app.command("export")(clean_errors(export_cmd))
+app.command("generate")(clean_errors(generate_cmd))
+
+from lowbit.qat.cli import finetune as finetune_cmd  # noqa: E402  (QAT: L4Q, LR-QAT, QLoRA-style)
+
+app.command("finetune")(clean_errors(finetune_cmd))
+
+from lowbit.prune.cli import prune as prune_cmd  # noqa: E402  (UDFC pruning + quantization)
+
+app.command("prune")(clean_errors(prune_cmd))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import packing
+from lowbit.formats.codebook import CodebookGrid
 from lowbit.formats.quant_primitives import (
     affine_dequantize,
     expand_group_param,
@@ -116,8 +117,8 @@ class MXIntGrid:
         return cls(int(meta["bits"]), int(meta["block_size"]), t["exponent"], int(meta["exp_bits"]))
 
 
-GRIDS = {"uniform": UniformGrid, "mxint": MXIntGrid}
-Grid = UniformGrid | MXIntGrid
+GRIDS = {"uniform": UniformGrid, "mxint": MXIntGrid, "codebook": CodebookGrid}
+Grid = UniformGrid | MXIntGrid | CodebookGrid
 
 
 @dataclass
@@ -131,18 +132,90 @@ class Outliers:
         return {"outlier_values": _bits(self.values), "outlier_index": _bits(self.index)}
 
 
+def lowrank_factor_dequantize(kind: str, q: torch.Tensor, s: torch.Tensor | None, block_size: int) -> torch.Tensor:
+    """One stored low-rank factor → float32 (see `LowRank`)."""
+    if kind == "float":
+        return q.float()
+    if kind == "int8":
+        return q.float() * s.float()[:, None]
+    n = q.shape[1]
+    pad = torch.nn.functional.pad(q.float(), (0, -n % block_size))
+    return mxint_dequantize(pad, s, 8, block_size)[:, :n]
+
+
 @dataclass
 class LowRank:
-    """W ≈ Ŵ + (A·B)ᵀ with A [in, k], B [k, out] (LQER's orientation: y = x·Ŵᵀ + (x·A)·B)."""
+    """W ≈ Ŵ + (A·B)ᵀ with A [in, k], B [k, out] (LQER's orientation: y = x·Ŵᵀ + (x·A)·B).
+
+    `kind` is how the factors are stored (each factor F ∈ {A, B}, scales per row of F):
+    * "float": A, B are the stored fp16 / bf16 / fp32 tensors.
+    * "int8": int8 codes q ∈ [−127, 127], F = q · s[row] with fp16 `a_scale` [in], `b_scale` [k].
+    * "mxint8": int8 sign-magnitude codes m, F = m · 2^(e − 7) with one exponent (`exp_bits` bits) per
+      `block_size` consecutive elements of a row (the last block of a row may be short): `a_scale`
+      [in, ⌈k/bs⌉], `b_scale` [k, ⌈out/bs⌉] int16. Blocks run along the rank for A and along the output
+      for B, the [1, 16] orientation of the authors' sweep scripts (notes §1.4).
+    """
 
     A: torch.Tensor
     B: torch.Tensor
+    kind: str = "float"
+    a_scale: torch.Tensor | None = None
+    b_scale: torch.Tensor | None = None
+    block_size: int = 16
+    exp_bits: int = 8
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deployed A [in, k] and B [k, out] in float32."""
+        return (lowrank_factor_dequantize(self.kind, self.A, self.a_scale, self.block_size),
+                lowrank_factor_dequantize(self.kind, self.B, self.b_scale, self.block_size))
 
     def delta(self) -> torch.Tensor:
-        return (self.A.float() @ self.B.float()).T
+        A, B = self.factors()
+        return (A @ B).T
 
     def storage(self) -> dict[str, int]:
-        return {"lowrank": _bits(self.A) + _bits(self.B)}
+        out = {"lowrank": _bits(self.A) + _bits(self.B)}
+        if self.kind == "int8":
+            out["lowrank_scales"] = _bits(self.a_scale) + _bits(self.b_scale)
+        elif self.kind == "mxint8":
+            out["lowrank_scales"] = (self.a_scale.numel() + self.b_scale.numel()) * self.exp_bits
+        return out
+
+    def meta(self) -> dict | None:
+        return None if self.kind == "float" else {"kind": self.kind, "block_size": self.block_size,
+                                                  "exp_bits": self.exp_bits}
+
+    def tensors(self) -> Tensors:
+        t = {"lowrank.A": self.A, "lowrank.B": self.B}
+        if self.kind != "float":
+            t["lowrank.a_scale"], t["lowrank.b_scale"] = self.a_scale, self.b_scale
+        return t
+
+    @classmethod
+    def from_state(cls, meta: dict | None, t: Tensors) -> "LowRank":
+        if meta is None:
+            return cls(t["lowrank.A"], t["lowrank.B"])
+        if meta["kind"] not in ("int8", "mxint8"):
+            raise ValueError(f"unknown low-rank kind {meta['kind']!r}")
+        return cls(t["lowrank.A"], t["lowrank.B"], meta["kind"], t["lowrank.a_scale"], t["lowrank.b_scale"],
+                   int(meta["block_size"]), int(meta["exp_bits"]))
+
+    def check(self) -> str | None:
+        """What is wrong with the factors' own tensors, or None."""
+        A, B = self.A, self.B
+        if self.kind == "float":
+            return None
+        if A.dtype != torch.int8 or B.dtype != torch.int8:
+            return f"low-rank codes must be int8, got {A.dtype} / {B.dtype}"
+        if self.kind == "int8":
+            want = ((A.shape[0],), (B.shape[0],))
+        else:
+            if self.block_size < 1:
+                return f"low-rank block size {self.block_size}"
+            nb = lambda n: -(-n // self.block_size)  # noqa: E731
+            want = ((A.shape[0], nb(A.shape[1])), (B.shape[0], nb(B.shape[1])))
+        got = (tuple(self.a_scale.shape), tuple(self.b_scale.shape))
+        return None if got == want else f"low-rank scales {got[0]} / {got[1]}, {want[0]} / {want[1]} expected"
 
 
 @dataclass
@@ -163,19 +236,22 @@ class QuantizedWeight:
     def bits(self) -> int:
         return self.grid.bits
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The compressed weight in float32 (or `dtype`), layout [out, in]. Defines correctness."""
+    def dequantize(self, dtype: torch.dtype | None = None, lowrank: bool = True) -> torch.Tensor:
+        """The compressed weight in float32 (or `dtype`), layout [out, in]. Defines correctness.
+        `lowrank=False`: the base grid (and outliers) only, for kernels that run the factors apart."""
         w = self.grid.dequantize(self.codes)
         if self.outliers is not None:
             w.view(-1)[self.outliers.index.long()] = self.outliers.values.float()
-        if self.lowrank is not None:
+        if lowrank and self.lowrank is not None:
             w += self.lowrank.delta()
         return w if dtype is None else w.to(dtype)
 
     def storage(self) -> dict[str, int]:
         """Stored bits by kind; `codes` is the packed size on disk."""
         rows, cols = self.shape
-        out = {"codes": rows * packing.packed_words(cols, self.grid.bits) * 32}
+        # A grid with per-vector code widths (codebook) packs and counts its own codes.
+        codes_storage = getattr(self.grid, "codes_storage", None)
+        out = {"codes": codes_storage(self.shape) if codes_storage else rows * packing.packed_words(cols, self.grid.bits) * 32}
         out.update(self.grid.storage())
         if self.outliers is not None:
             out.update(self.outliers.storage())
@@ -189,13 +265,16 @@ class QuantizedWeight:
     # ---- serialisation: flat tensors + JSON-able metadata (the native format lives in lowbit.io)
 
     def to_state(self) -> tuple[Tensors, dict]:
-        t = {"qweight": packing.pack(self.codes, self.grid.bits)}
+        pack_codes = getattr(self.grid, "pack_codes", None)
+        t = pack_codes(self.codes) if pack_codes else {"qweight": packing.pack(self.codes, self.grid.bits)}
         t.update({f"grid.{k}": v for k, v in self.grid.tensors().items()})
         if self.outliers is not None:
             t["outliers.index"], t["outliers.values"] = self.outliers.index, self.outliers.values
         if self.lowrank is not None:
-            t["lowrank.A"], t["lowrank.B"] = self.lowrank.A, self.lowrank.B
+            t.update(self.lowrank.tensors())
         meta = {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."), "grid": self.grid.meta()}
+        if self.lowrank is not None and self.lowrank.meta() is not None:
+            meta["lowrank"] = self.lowrank.meta()
         return {k: v.contiguous() for k, v in t.items()}, meta
 
     @classmethod
@@ -205,11 +284,12 @@ class QuantizedWeight:
             gmeta = meta["grid"]
             grid_cls = GRIDS[gmeta["kind"]]
             grid = grid_cls.from_state(gmeta, {k[5:]: v for k, v in t.items() if k.startswith("grid.")}, shape)
-            codes = packing.unpack(t["qweight"], grid.bits, shape[1])
+            unpack_codes = getattr(grid, "unpack_codes", None)
+            codes = unpack_codes(t, shape) if unpack_codes else packing.unpack(t["qweight"], grid.bits, shape[1])
             outliers = Outliers(t["outliers.index"], t["outliers.values"]) if "outliers.index" in t else None
-            lowrank = LowRank(t["lowrank.A"], t["lowrank.B"]) if "lowrank.A" in t else None
+            lowrank = LowRank.from_state(meta.get("lowrank"), t) if "lowrank.A" in t else None
             dtype = getattr(torch, meta["dtype"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
             raise LowbitError(f"corrupt quantized weight record: {e!r}") from e
         if codes.shape[0] != shape[0]:
             raise LowbitError(f"corrupt quantized weight record: {codes.shape[0]} rows, {shape[0]} expected")
@@ -237,6 +317,8 @@ class QuantizedWeight:
             if g.g_idx is not None:
                 need(g.group_size > 0 and tuple(g.g_idx.shape) == (cols,), f"g_idx shape {tuple(g.g_idx.shape)}")
                 need(cols == 0 or (0 <= int(g.g_idx.min()) and int(g.g_idx.max()) < G), "g_idx out of range")
+        elif isinstance(g, CodebookGrid):
+            g.check(self.shape, self.codes)
         else:
             need(g.block_size > 0 and cols % g.block_size == 0, f"block size {g.block_size} does not divide {cols}")
             blocks = (rows, cols // g.block_size)
@@ -249,3 +331,5 @@ class QuantizedWeight:
             A, B = self.lowrank.A, self.lowrank.B
             need(A.ndim == 2 and B.ndim == 2 and A.shape[0] == cols and B.shape[1] == rows
                  and A.shape[1] == B.shape[0], f"low-rank A {tuple(A.shape)}, B {tuple(B.shape)} for {self.shape}")
+            bad = self.lowrank.check()
+            need(bad is None, bad)

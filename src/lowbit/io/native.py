@@ -131,6 +131,10 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
             tensors[full] = t.detach().cpu().contiguous()
     config = json.loads(model.config.to_json_string(use_diff=False))
     config["quantization_config"] = _quant_config(qweights, recipe)
+    for name in qweights:  # a layer's activation format (LQER's W4A8) travels with it
+        act = getattr(model.get_submodule(name), "act", None)
+        if act is not None:
+            config["quantization_config"]["layers"][name]["act"] = act.model_dump()
 
     from safetensors.torch import save_file
 
@@ -275,6 +279,18 @@ def _qweight(model: nn.Module, name: str, t: dict, meta: dict) -> QuantizedWeigh
     return q
 
 
+def _act_config(name: str, d):
+    from pydantic import ValidationError
+
+    from lowbit.methods.config import ActQuantConfig
+
+    try:
+        return ActQuantConfig.model_validate(d)
+    except ValidationError as e:
+        raise LowbitError(f"{CONFIG}: quantized layer {name} has an invalid activation format: "
+                          f"{e.errors()[0]['msg']}") from None
+
+
 def load_quantized(path: str | Path, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
                    verify: bool = True) -> tuple[nn.Module, dict[str, QuantizedWeight], dict]:
     """Load a native lowbit directory → (model in eval mode with QuantLinears, qweights, info).
@@ -298,6 +314,9 @@ def load_quantized(path: str | Path, *, trust_remote_code: bool = False, dtype: 
     from lowbit.models.swap import swap_in  # lazily: models imports the method registry
 
     swap_in(model, qweights)
+    for name, meta in qc["layers"].items():
+        if meta.get("act") is not None:
+            model.get_submodule(name).act = _act_config(name, meta["act"])
     model.eval()
     model._lowbit_quantized = True
     return model, qweights, {"path": str(path), "quantization_config": qc, "provenance": provenance}

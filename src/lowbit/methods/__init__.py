@@ -13,16 +13,18 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from lowbit.errors import LowbitError
 from lowbit.formats.quantized_weight import QuantizedWeight
-from lowbit.methods.config import GPTQConfig, MethodConfig, RTNConfig
+from lowbit.methods.claq import claq_quantize
+from lowbit.methods.config import ClaqConfig, GPTQConfig, MethodConfig, RTNConfig, SqueezeLLMConfig
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.lqer import lqer
 from lowbit.methods.rtn import rtn_quantize
+from lowbit.methods.squeezellm import squeezellm_quantize
 from lowbit.methods.stats import LayerStats, StatsAccumulator
 
-__all__ = ["GPTQConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
+__all__ = ["ClaqConfig", "GPTQConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
            "needs_calibration", "parse_method_config", "quantize_weight"]
 
-MethodConfigField = Annotated[RTNConfig | GPTQConfig, Field(discriminator="method")]
+MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig, Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(MethodConfigField)
 
 Result = tuple[QuantizedWeight, float | None]
@@ -37,10 +39,20 @@ def _gptq(W: torch.Tensor, stats: LayerStats | None, config: GPTQConfig) -> Resu
     return gptq_quantize(W, H, config, return_loss=True)
 
 
+def _claq(W: torch.Tensor, stats: LayerStats | None, config: ClaqConfig) -> Result:
+    return claq_quantize(W, None if stats is None else stats.hessian, config, return_loss=True)
+
+
+def _squeezellm(W: torch.Tensor, stats: LayerStats | None, config: SqueezeLLMConfig) -> Result:
+    return squeezellm_quantize(W, None if stats is None else stats.hessian, config), None
+
+
 # method name -> (implementation, needs calibration statistics)
 _METHODS: dict[str, tuple[Callable[..., Result], bool]] = {
     "rtn": (_rtn, False),
     "gptq": (_gptq, True),
+    "claq": (_claq, True),
+    "squeezellm": (_squeezellm, True),
 }
 
 
@@ -73,7 +85,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodCon
 
 def parse_method_config(d: dict | MethodConfig) -> MethodConfig:
     """Build the right config from a dict with a `method` key (YAML recipes and CLI flags share this)."""
-    if isinstance(d, (RTNConfig, GPTQConfig)):
+    if isinstance(d, (RTNConfig, GPTQConfig, ClaqConfig, SqueezeLLMConfig)):
         return d
     try:
         return _ADAPTER.validate_python(d)

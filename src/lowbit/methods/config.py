@@ -23,8 +23,34 @@ class LQERConfig(BaseModel):
     oversample: int = Field(16, ge=0)  # extra random directions of the randomized range finder
     power_iters: int = Field(4, ge=0)  # subspace iterations: the error spectrum decays slowly
     seed: int = 0
-    factor_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    # How A and B are stored (and counted): floats, int8 with a symmetric fp16 scale per row of A (input
+    # channel) and per row of B (rank component), or MXINT8 with 8-bit exponents per 16 along each row.
+    factor_dtype: Literal["fp16", "bf16", "fp32", "int8", "mxint8"] = "fp16"
+    refit: bool = True  # quantized factors: refit B against the stored A (least squares in the scaled norm)
     exact_damp: float = Field(1e-6, ge=0)  # eigenvalue floor of R, relative to its mean, for R^-½
+    # Rank choice (at most one): `rank` fixed; `rank_energy` τ: per layer the least k with
+    # Σ_{i≤k} σ_i² ≥ τ·‖S·E‖²_F (full SVD); `target_bits`: per layer the largest k whose bits per weight,
+    # factors included, stay ≤ target (0 when the base grid alone exceeds it).
+    rank_energy: float | None = Field(None, gt=0, le=1)
+    target_bits: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self):
+        if self.rank_energy is not None and self.target_bits is not None:
+            raise ValueError("give at most one of rank_energy and target_bits")
+        return self
+
+
+class ActQuantConfig(BaseModel):
+    """Fake quantization of activations (LQER's W4A8 / W4A6): per token, MXINT blocks along the features,
+    of every quantized linear's input and of the low-rank intermediates x·A and (x·A)·B."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["mxint"] = "mxint"
+    bits: int = Field(8, ge=2, le=8)
+    block_size: int = Field(16, ge=1)
+    exp_bits: int = Field(8, ge=2, le=8)
 
 
 class WeightQuantConfig(BaseModel):
@@ -40,6 +66,7 @@ class WeightQuantConfig(BaseModel):
     group_size: int = 128
     symmetric: bool = False
     lqer: LQERConfig | None = None  # optional low-rank error correction on top of this grid
+    act: ActQuantConfig | None = None  # optional activation fake quantization (None: weight-only)
 
     @field_validator("bits")
     @classmethod
@@ -92,4 +119,81 @@ class GPTQConfig(WeightQuantConfig):
         return v
 
 
-MethodConfig = RTNConfig | GPTQConfig
+class KMeansConfig(BaseModel):
+    """1-D k-means of the codebook quantizers (`methods.kmeans.kmeans_1d`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    init: Literal["dp", "uniform", "quantile", "kmeans++"] = "dp"
+    max_iter: int = Field(300, ge=0)
+    tol: float = Field(1e-4, ge=0)  # scikit-learn's criterion: Σ shift² ≤ tol · variance; 0: exact fixed point
+    seed: int = 0  # k-means++ only
+
+
+def _per_vector_only(v: int) -> int:
+    if v != -1:
+        raise ValueError("codebook quantizers have one codebook per vector, not groups: group_size must be -1")
+    return v
+
+
+class ClaqConfig(WeightQuantConfig):
+    """CLAQ (Wang et al., arXiv 2405.17233): per-input-column k-means codebooks fitted inside the GPTQ
+    sweep, outlier-guided adaptive precision (AP) and outlier reservation (OR).
+
+    bits: the (low) code width. target_bits T (AP): a fraction (T − bits)/(high_bits − bits) of the
+    columns, ranked by `ap_metric`, gets high_bits (T = 2.1 with bits 2: 5% at 4 bits).
+    outliers: "none", "dynamic" (the authors' split: the top 10% columns by outlier count keep 1.4% per
+    tail, the others 0.4%) or a fraction p per tail for every column, kept in fp16 (values and positions
+    stored and counted).
+    """
+
+    method: Literal["claq"] = "claq"
+    group_size: int = -1
+    damp_percent: float = Field(0.01, ge=0, lt=1)
+    block_size: int = Field(128, ge=1)
+    act_order: bool = True
+    target_bits: float | None = None
+    high_bits: int = 4
+    ap_metric: Literal["outlier-order", "hessian"] = "outlier-order"
+    outlier_threshold: float = Field(13.0, gt=0)  # t of the Outlier Order: |w| ≥ t · mean|W|
+    outliers: Literal["none", "dynamic"] | float = "none"
+    fit: Literal["column", "block"] = "column"  # column: faithful refit per column; block: one batch per block
+    codebook_bits: Literal[16, 8] = 16  # fp16 entries, or uint8 on a per-column affine grid
+    kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
+
+    _group = field_validator("group_size")(classmethod(lambda cls, v: _per_vector_only(v)))
+
+    @field_validator("outliers")
+    @classmethod
+    def _outliers(cls, v):
+        if isinstance(v, float) and not 0 < v < 0.5:
+            raise ValueError(f"outlier fraction per tail {v} must be in (0, 0.5)")
+        return v
+
+    @model_validator(mode="after")
+    def _ap(self):
+        if self.target_bits is None:
+            return self
+        if self.high_bits not in SUPPORTED_BITS or self.high_bits <= self.bits:
+            raise ValueError(f"high_bits {self.high_bits} must be a supported width above bits {self.bits}")
+        if not self.bits <= self.target_bits <= self.high_bits:
+            raise ValueError(f"target_bits {self.target_bits} must lie between bits {self.bits} and "
+                             f"high_bits {self.high_bits}")
+        return self
+
+
+class SqueezeLLMConfig(WeightQuantConfig):
+    """SqueezeLLM-style non-uniform quantization (Kim et al., arXiv 2306.07629): one k-means codebook per
+    output row, weighted by the diagonal of the layer Hessian (H_jj = 2·E[x_j²], the layer-wise proxy of
+    the paper's Fisher weights), no error feedback."""
+
+    method: Literal["squeezellm"] = "squeezellm"
+    group_size: int = -1
+    weighting: Literal["hessian-diag", "none"] = "hessian-diag"
+    codebook_bits: Literal[16, 8] = 16
+    kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
+
+    _group = field_validator("group_size")(classmethod(lambda cls, v: _per_vector_only(v)))
+
+
+MethodConfig = RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig

@@ -1,8 +1,9 @@
 """`QuantLinear`: a drop-in `nn.Linear` that runs a `QuantizedWeight`.
 
-This is the pure-torch reference path: the weight is dequantized once (lazily, in the activation dtype)
-and cached, so evaluation costs one GEMM per call. Faster kernels (int4/int8 weight-only, LUT, the
-low-rank branch as two small GEMMs) are optional accelerations that must match `dequantize()`.
+The base weight (grid + outliers) is dequantized once (lazily, in the activation dtype) and cached, or
+run by a kernel (`lowbit.kernels.dispatch`); a low-rank term runs as its own branch, y = x·Ŵᵀ + (x·A)·B,
+so Ŵ + (AB)ᵀ is never materialised. `QuantizedWeight.dequantize()` stays the reference every path must
+match. With `act` set, inputs (and low-rank intermediates) are fake-quantized first (`nn.act_quant`).
 """
 
 from __future__ import annotations
@@ -14,25 +15,64 @@ from lowbit.formats.quantized_weight import QuantizedWeight
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
+    # Base GEMM: "auto" (a CPU kernel for bf16 activations), "reference" or "kernel" (lowbit.kernels.dispatch).
+    backend: str = "auto"
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, act=None):
         super().__init__()
         self.qweight = qweight
         self.out_features, self.in_features = qweight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._cache: torch.Tensor | None = None
+        self.act = act  # ActQuantConfig: fake-quantize the input and the low-rank intermediates (W4A8)
+        self._cache: torch.Tensor | None = None  # the *base* weight (grid + outliers), never Ŵ + (AB)ᵀ
+        self._lr_cache: tuple | None = None  # (dtype, A, B): the deployed factors
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight (grid + outliers, without the low-rank term) in `dtype`, cached."""
         if self._cache is None or self._cache.dtype != dtype:
-            self._cache = self.qweight.dequantize(dtype)
+            self._cache = self.qweight.dequantize(dtype, lowrank=False)
         return self._cache
 
+    def base_gemm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x·Ŵ_baseᵀ (+ bias): a kernel when one applies, else the cached dequantized base weight."""
+        from lowbit.kernels.dispatch import base_linear
+
+        y = base_linear(self, x)
+        if y is None:
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+        return y if bias is None else y + bias
+
+    def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """(x·A)·B as two small GEMMs (LQER's high-precision branch); with activation quantization both
+        intermediates are re-quantized, as the authors' emulation does (notes §1.3 step 10)."""
+        if self._lr_cache is None or self._lr_cache[0] != x.dtype:
+            A, B = self.qweight.lowrank.factors()
+            self._lr_cache = (x.dtype, A.to(x.dtype), B.to(x.dtype))
+        _, A, B = self._lr_cache
+        if self.act is None:
+            return (x @ A) @ B
+        from lowbit.nn.act_quant import fake_quantize_act
+
+        return fake_quantize_act(fake_quantize_act(x @ A, self.act) @ B, self.act)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.act is not None:
+            from lowbit.nn.act_quant import fake_quantize_act
+
+            x = fake_quantize_act(x, self.act)
+        if self.qweight.lowrank is None:
+            return self.base_gemm(x, bias)
+        # y = x·Ŵᵀ + (x·A)·B without materialising Ŵ + (AB)ᵀ
+        y = self.base_gemm(x) + self.lowrank_branch(x)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         g = self.qweight.grid
         return (f"in_features={self.in_features}, out_features={self.out_features}, grid={g.kind}, "
-                f"bits={g.bits}, bpw={self.qweight.bits_per_weight():.3f}")
+                f"bits={g.bits}, bpw={self.qweight.bits_per_weight():.3f}"
+                + (f", rank={self.qweight.lowrank.A.shape[1]}" if self.qweight.lowrank is not None else "")
+                + (f", act=mxint{self.act.bits}" if self.act is not None else ""))
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

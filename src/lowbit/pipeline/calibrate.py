@@ -358,6 +358,11 @@ def quantize_model(
                 if ckpt is not None:
                     ckpt.save_block(i, done, records, None if (last or not use_data) else hidden)
                 bars.block_done()
+            # Activation quantization (W4A8) is switched on only now: statistics are taken on unquantized
+            # activations, as the LQER authors profile the unquantized model (notes §1.3 stage P).
+            for name, cfg in configs.items():
+                if getattr(cfg, "act", None) is not None:
+                    model.get_submodule(name).act = cfg.act
     finally:
         model.train(training)
     return QuantizeResult(qweights, records, time.perf_counter() - t_start, _peak_memory_mb(),

@@ -1,0 +1,91 @@
+"""Which kernel runs a `QuantLinear`'s base GEMM, chosen by its `backend` setting.
+
+* `reference`: always the pure-torch path (dequantize once, cache, `F.linear`). Exact; the yardstick.
+* `auto` (default): a kernel when one applies *and* the activations are bf16 (where the ATen ops are
+  fast), the reference otherwise. fp32 evaluation therefore stays bit-identical to the reference.
+* `kernel`: a kernel whenever one applies; fp32/fp16 activations are cast to bf16 for it and the output
+  back. Layers no kernel can run (MXINT, outliers, act-order g_idx, odd shapes) use the reference.
+
+A kernel computes the grid part x·Ŵ_gridᵀ only; the caller adds the low-rank branch (x·A)·B and the
+bias. Packed operands are built at the first call and kept on the module (`_kernel_state`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.kernels import cpu
+
+BACKENDS = ("auto", "reference", "kernel")
+
+
+def kernel_for(qw) -> str | None:
+    """'int4' | 'int8' | 'lut' | None for a QuantizedWeight (outliers need the reference path)."""
+    if qw.outliers is not None:
+        return None
+    if cpu.int4_reason(qw) is None:
+        return "int4"
+    if cpu.int8_reason(qw) is None:
+        return "int8"
+    from lowbit.kernels import lut
+
+    if lut.lut_reason(qw) is None:
+        return "lut"
+    return None
+
+
+def _state(module: nn.Module, dtype: torch.dtype):
+    st = getattr(module, "_kernel_state", None)
+    if st is not None and st[0] == dtype:
+        return st
+    qw = module.qweight
+    kind = kernel_for(qw)
+    if kind == "int4":
+        st = (dtype, kind, cpu.prepare_int4(qw, dtype))
+    elif kind == "int8":
+        st = (dtype, kind, cpu.prepare_int8(qw, dtype))
+    elif kind == "lut":
+        from lowbit.kernels import lut
+
+        st = (dtype, kind, lut.prepare_lut(qw, dtype))
+    else:
+        st = (dtype, None, None)
+    module._kernel_state = st
+    return st
+
+
+def base_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """x·Ŵ_gridᵀ through a kernel, or None when the reference path must run."""
+    backend = getattr(module, "backend", "auto")
+    if backend == "reference" or (backend == "auto" and x.dtype != torch.bfloat16):
+        return None
+    _, kind, packed = _state(module, torch.bfloat16)
+    if kind is None:
+        return None
+    xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+    if kind == "int4":
+        y = cpu.int4_mm(xb, packed)
+    elif kind == "int8":
+        y = cpu.int8_mm(xb, packed)
+    else:
+        from lowbit.kernels import lut
+
+        y = lut.lut_mm(xb, packed)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def set_backend(model: nn.Module, backend: str) -> dict[str, int]:
+    """Set every QuantLinear's backend; returns how many layers each kernel (or the reference) runs."""
+    from lowbit.nn.quant_linear import QuantLinear
+
+    if backend not in BACKENDS:
+        raise LowbitError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = backend
+            k = "reference" if backend == "reference" else (kernel_for(m.qweight) or "reference")
+            counts[k] = counts.get(k, 0) + 1
+    return counts

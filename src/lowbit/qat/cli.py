@@ -1,0 +1,94 @@
+"""`lowbit finetune`: quantization-aware fine-tuning from the command line (registered in lowbit.cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+DATA_HELP = "Data directory (default: $LOWBIT_DATA, else ../shared/data when present)."
+
+
+def finetune(
+    model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
+    method: str = typer.Option("l4q", help="l4q | lr-qat | qlora | lsq (full-weight QAT) | lora (float LoRA, no quantization)."),
+    bits: int = typer.Option(4, help="Weight bits: 2-8."),
+    group_size: int = typer.Option(128, help="Group size along the input dim; -1 per channel, 0 per tensor."),
+    rank: int = typer.Option(4, help="LoRA / low-rank rank r."),
+    alpha: float = typer.Option(1.0, help="Adapter scale numerator: the low-rank term is multiplied by alpha/rank."),
+    init_from: Optional[str] = typer.Option(None, help="Start grid: none (L4Q_init / min-max) | rtn | gptq. qlora: the PTQ base (default gptq)."),
+    steps: int = typer.Option(100, help="Optimizer steps."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the adapters (and of W for lsq)."),
+    lr_quant: float = typer.Option(1e-4, help="Learning rate of the steps s and offsets b (AdamW moves each by about this much per step)."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay on the adapters."),
+    batch_size: int = typer.Option(4, help="Windows per optimizer step, over all processes."),
+    micro_batch: Optional[int] = typer.Option(None, help="Windows per forward/backward (gradient accumulation)."),
+    seqlen: int = typer.Option(256, help="Tokens per training window."),
+    loss: str = typer.Option("ce", help="ce (next-token cross-entropy) | kd (KL to the unquantized model)."),
+    dataset: str = typer.Option("c4", help="c4 (C4 training documents) | text (a UTF-8 file) | jsonl (chat/instruction examples)."),
+    data_file: Optional[Path] = typer.Option(None, help="The file for --dataset text / jsonl."),
+    eval_every: int = typer.Option(0, help="Evaluate the held-out loss every N steps (0: at the end only)."),
+    eval_windows: int = typer.Option(16, help="Held-out windows for the periodic evaluation."),
+    checkpoint_every: int = typer.Option(50, help="Checkpoint every N steps (0: never); a killed run resumes."),
+    seed: int = typer.Option(0),
+    learn_offset: bool = typer.Option(True, "--learn-offset/--no-learn-offset", help="l4q/lsq: learn the LSQ+ offset b (off: symmetric, b = 0)."),
+    base_dtype: str = typer.Option("fp32", help="l4q: storage of the frozen W0: fp32 | bf16 | fp16."),
+    phi: str = typer.Option("fp32", help="lr-qat: storage of the frozen W0/s0: fp32 | bf16 | fp16 | fixed8 | int."),
+    symmetric: bool = typer.Option(False, "--sym/--asym", help="lr-qat / qlora: symmetric grid."),
+    nproc: int = typer.Option(1, help="Spawn N local data-parallel processes (or launch with torchrun)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads per process."),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    restart: bool = typer.Option(False, help="Ignore an existing checkpoint and start over."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Quantization-aware fine-tuning (L4Q, LR-QAT, QLoRA-style, LSQ, LoRA), exported to the native format.
+    A killed run resumes from its last checkpoint when started again with the same command."""
+    from rich.console import Console
+
+    from lowbit.errors import LowbitError
+    from lowbit.qat import distributed as dd
+    from lowbit.qat.config import METHODS, parse_qat_config, parse_train_config
+    from lowbit.qat.trainer import train
+
+    if method not in METHODS:
+        raise LowbitError(f"unknown finetune method {method!r}; choose one of {', '.join(METHODS)}")
+    q = {"method": method, "bits": bits, "group_size": group_size, "rank": rank, "alpha": alpha}
+    if init_from is not None:
+        q["init_from"] = init_from
+    if method in ("l4q", "lsq"):
+        q["learn_offset"] = learn_offset
+    if method == "l4q":
+        q["base_dtype"] = base_dtype
+    if method == "lr-qat":
+        q.update(phi=phi, symmetric=symmetric)
+    if method == "qlora":
+        q["symmetric"] = symmetric
+    if method == "lora":
+        q = {"method": "lora", "rank": rank, "alpha": alpha}
+    qcfg = parse_qat_config(q)
+    tcfg = parse_train_config(dict(
+        steps=steps, lr=lr, lr_quant=lr_quant, weight_decay=weight_decay, batch_size=batch_size,
+        micro_batch=micro_batch, seqlen=seqlen, loss=loss, dataset=dataset,
+        data_path=str(data_file) if data_file else None, eval_every=eval_every, eval_windows=eval_windows,
+        checkpoint_every=checkpoint_every, seed=seed))
+    if nproc < 1:
+        raise LowbitError(f"--nproc must be at least 1, got {nproc}")
+    kw = dict(data=data, overwrite=overwrite, progress=not quiet, restart=restart, threads=threads)
+    if nproc > 1:
+        dd.spawn(nproc, train, model, out, qcfg, tcfg, **kw)
+        import json
+
+        summary = json.loads((out / "lowbit.json").read_text())["summary"]
+        summary["bits_per_weight"] = json.loads((out / "config.json").read_text()).get(
+            "quantization_config", {}).get("bits_per_weight", 32.0)
+    else:
+        summary = train(model, out, qcfg, tcfg, **kw)
+    if summary.get("bits_per_weight") is None:
+        return
+    Console(stderr=True).print(
+        f"[green]saved[/green] {out}: {method} {summary['bits_per_weight']:.3f} bits/weight (all metadata), "
+        f"{summary['steps']} steps in {summary['train_seconds']:.1f} s, held-out loss "
+        f"{summary.get('eval_nll', float('nan')):.4f}, peak {summary['peak_memory_mb']:.0f} MB")

@@ -1,0 +1,146 @@
+"""One pydantic config per QAT method, plus the training settings they share.
+
+The same objects back the `lowbit finetune` flags, the checkpoint fingerprint and the `quantization_config`
+of the exported model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from lowbit.errors import LowbitError
+from lowbit.formats.quant_primitives import SUPPORTED_BITS
+
+
+class _QATBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bits: int = 4
+    group_size: int = 128  # −1 per output channel, 0 per tensor, g > 0 groups of g input columns
+    rank: int = Field(4, ge=1)  # L4Q's default (App. D): rank barely matters above 4
+    alpha: float = Field(1.0, gt=0)  # the adapter is scaled by alpha / rank
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"unsupported bit width {v}: choose one of {SUPPORTED_BITS}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError(f"group size {v} is invalid: use -1 (per channel), 0 (per tensor) or > 0")
+        return v
+
+
+class L4QConfig(_QATBase):
+    """L4Q: W_q = Q(W₀ + (α/r)·B·A) with learned per-group step s and offset b (LSQ / LSQ+)."""
+
+    method: Literal["l4q"] = "l4q"
+    # Start: "none" = L4Q_init (s from min/max of W₀, b = 0; the paper's); "rtn" = lowbit's asymmetric
+    # min-max grid (step 0 exports exactly `lowbit quantize --method rtn`); "gptq" = W₀ := GPTQ's Ŵ and
+    # its grid (step 0 exports exactly the GPTQ model).
+    init_from: Literal["none", "rtn", "gptq"] = "none"
+    learn_offset: bool = True  # LSQ+ offset b; off = symmetric grid, b = 0 frozen
+    grad_scale: Literal["lsq", "none"] = "lsq"  # LSQ's g = 1/√(N·Q_P) on the s and b gradients
+    base_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # storage of frozen W₀ (paper: bf16)
+
+
+class LSQConfig(_QATBase):
+    """Full-weight QAT with LSQ/LSQ+ (every weight trainable): the memory baseline of the L4Q paper."""
+
+    method: Literal["lsq"] = "lsq"
+    init_from: Literal["none", "rtn"] = "none"
+    learn_offset: bool = True
+    grad_scale: Literal["lsq", "none"] = "lsq"
+
+
+class LRQATConfig(_QATBase):
+    """LR-QAT: Ŵ = s·(clamp(⌊Φ₀ + (α/r)·A·B⌉ + z₀) − z₀), Φ₀ = φ(W₀/s₀) frozen, s learned."""
+
+    method: Literal["lr-qat"] = "lr-qat"
+    # "none"/"rtn": s₀, z₀ from lowbit's min-max grid of W₀ (step 0 = RTN); "gptq": Φ₀ = GPTQ's integer
+    # codes − z₀ with GPTQ's s₀ (step 0 = the GPTQ model).
+    init_from: Literal["none", "rtn", "gptq"] = "none"
+    symmetric: bool = False  # the paper's main runs are symmetric; asymmetric matches lowbit's RTN/GPTQ
+    phi: Literal["fp32", "bf16", "fp16", "fixed8", "int"] = "fp32"
+    learn_scale: bool = True
+
+
+class QLoRAConfig(_QATBase):
+    """QLoRA-style baseline: LoRA beside a frozen PTQ weight; exported as grid + fp16 LowRank term."""
+
+    method: Literal["qlora"] = "qlora"
+    init_from: Literal["rtn", "gptq"] = "gptq"  # the PTQ base (L4Q's QLoRA* is GPTQ + LoRA)
+    symmetric: bool = False
+
+
+class LoRAConfig(_QATBase):
+    """Plain LoRA on the float model (no quantization): the memory reference. Exports merged float weights."""
+
+    method: Literal["lora"] = "lora"
+
+
+QATConfig = Annotated[L4QConfig | LSQConfig | LRQATConfig | QLoRAConfig | LoRAConfig, Field(discriminator="method")]
+_ADAPTER: TypeAdapter = TypeAdapter(QATConfig)
+METHODS = ("l4q", "lr-qat", "qlora", "lsq", "lora")
+
+
+class TrainConfig(BaseModel):
+    """Optimisation, data and bookkeeping settings shared by every QAT method."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(100, ge=0)
+    lr: float = Field(1e-3, gt=0)  # adapters (A, B) and full weights
+    # Steps s and offsets b (None: same as lr). AdamW moves every parameter by about lr per step whatever
+    # its gradient scale, so this must be small next to the steps themselves (1e-3–1e-1 here).
+    lr_quant: float | None = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)  # AdamW, on A and B only (never on steps/offsets)
+    warmup: float = Field(0.1, ge=0, le=1)  # linear warm-up over this fraction of steps, then cosine
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)  # windows per optimizer step, over all processes
+    micro_batch: int | None = Field(None, ge=1)  # windows per forward/backward (gradient accumulation)
+    seqlen: int = Field(256, ge=8)
+    loss: Literal["ce", "kd"] = "ce"  # next-token cross-entropy, or KL(teacher ‖ student) to the float model
+    dataset: Literal["c4", "text", "jsonl"] = "c4"
+    data_path: str | None = None  # for text / jsonl
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    eval_windows: int = Field(16, ge=1)
+    checkpoint_every: int = Field(50, ge=0)  # 0: never (no resume)
+    seed: int = 0
+
+    def quant_lr(self) -> float:
+        return self.lr if self.lr_quant is None else self.lr_quant
+
+
+def parse_qat_config(d: dict) -> BaseModel:
+    try:
+        return _ADAPTER.validate_python(d)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise LowbitError(f"invalid finetune settings{f' ({where})' if where else ''}: {err['msg']}") from None
+
+
+def parse_train_config(d: dict) -> TrainConfig:
+    try:
+        cfg = TrainConfig.model_validate(d)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise LowbitError(f"invalid training settings{f' ({where})' if where else ''}: {err['msg']}") from None
+    if cfg.dataset in ("text", "jsonl"):
+        if not cfg.data_path:
+            raise LowbitError(f"dataset {cfg.dataset} needs a file (--data-file)")
+        if not Path(cfg.data_path).is_file():
+            raise LowbitError(f"training data file {cfg.data_path} does not exist")
+    if cfg.micro_batch is not None and cfg.batch_size % cfg.micro_batch:
+        raise LowbitError(f"micro batch {cfg.micro_batch} does not divide the batch size {cfg.batch_size}")
+    return cfg

@@ -1,0 +1,276 @@
+"""The QAT training loop shared by every method: AdamW, warm-up + cosine schedule, gradient accumulation,
+data parallelism, periodic evaluation, resumable checkpoints, and the final export.
+
+Loss: next-token cross-entropy over the target tokens of each window (`ce`, what L4Q and LR-QAT train
+with), or `kd`, KL(P_float ‖ P_student) per token against the unquantized model, which targets the
+KL-to-fp32 metric directly (neither paper uses it; LLM-QAT-style distillation). Either way the loss of a
+micro-batch is its *sum* over target tokens divided by the target count of the whole global batch, so
+micro-batching and any number of processes give the same gradient as one big batch.
+
+Determinism: the batch of step t and the learning rate are functions of (seed, t); layer initialisation
+uses seeded generators; a resumed run restores parameters and AdamW moments exactly, so it ends
+bit-identical to an uninterrupted one (same process count and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.qat import checkpoint as ckpt
+from lowbit.qat import distributed as dd
+from lowbit.qat.config import LoRAConfig, TrainConfig
+from lowbit.qat.data import Windows, batch_indices, load_windows, target_count
+from lowbit.qat.prepare import needs_ptq, prepare_model, ptq_weights, trainable
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (VmHWM; psutil's RSS where /proc is missing)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup`·steps, then cosine decay to `min_lr_ratio` (L4Q's schedule)."""
+    warm = int(cfg.warmup * cfg.steps)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, use_cache=False)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def window_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, loss: str,
+                teacher: nn.Module | None = None) -> torch.Tensor:
+    """Σ over target tokens of the per-token loss (not averaged)."""
+    logits = _logits(model, ids)[:, :-1].float()
+    m = mask[:, 1:].to(logits.dtype)
+    if loss == "ce":
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        return (nll * m.reshape(-1)).sum()
+    with torch.no_grad():
+        lp = F.log_softmax(_logits(teacher, ids)[:, :-1].float(), dim=-1)
+    kl = F.kl_div(F.log_softmax(logits, dim=-1), lp, reduction="none", log_target=True).sum(-1)
+    return (kl * m).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, w: Windows, loss: str, teacher: nn.Module | None, batch: int = 4) -> dict:
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(w), batch):
+        ids, m = w.ids[i:i + batch], w.mask[i:i + batch]
+        total += float(window_loss(model, ids, m, "ce"))
+        n += int(m[:, 1:].sum())
+    out = {"eval_nll": total / n, "eval_ppl": math.exp(total / n)}
+    if loss == "kd" and teacher is not None:
+        kl = sum(float(window_loss(model, w.ids[i:i + batch], w.mask[i:i + batch], "kd", teacher))
+                 for i in range(0, len(w), batch))
+        out["eval_kl"] = kl / n
+    model.train(was)
+    return out
+
+
+class _Progress:
+    """rich bar: step, loss, held-out loss, tokens/s, elapsed, ETA. No-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("eval {task.fields[ev]}"),
+                                TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(),
+                                TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+            self.task = self.bar.add_task("train", total=total, completed=done, loss=float("nan"), ev="—", tps=0.0)
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+    def update(self, **fields):
+        if self.bar:
+            self.bar.update(self.task, advance=1, **fields)
+
+
+def _fingerprint(qcfg, tcfg: TrainConfig, model: nn.Module, windows: Windows, world: dd.World) -> dict:
+    """What a checkpoint depends on, hashed per part so that a refusal can say which part changed."""
+    import hashlib
+
+    def js(d: dict) -> str:
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
+
+    weights = list(model.parameters())
+    return {"method": js(qcfg.model_dump()),
+            "training settings": js(tcfg.model_dump(exclude={"eval_every", "checkpoint_every"})),
+            "model": ckpt.tensor_digest(weights[0], weights[-1]),
+            "data": ckpt.tensor_digest(windows.ids, windows.mask),
+            "process count": str(world.size)}
+
+
+def _calibration(tokenizer, model, tcfg: TrainConfig, data: str | None) -> torch.Tensor:
+    from lowbit.jobs import calibration_data
+    from lowbit.recipe import Recipe
+
+    seqlen = min(tcfg.seqlen, getattr(model.config, "max_position_embeddings", tcfg.seqlen) or tcfg.seqlen)
+    r = Recipe.model_validate({"calibration": {"seqlen": seqlen}})
+    return calibration_data(r, tokenizer, model, data)
+
+
+def train(model_path: str, out: str | Path, qcfg, tcfg: TrainConfig, *, data: str | None = None,
+          overwrite: bool = False, progress: bool = True, restart: bool = False,
+          on_step: Callable[[int, dict], None] | None = None, threads: int | None = None) -> dict:
+    """Fine-tune `model_path` with `qcfg` and write the result to `out`. Returns the summary.
+
+    Runs as one process of a data-parallel group when launched that way (`distributed.setup`).
+    `on_step(step, record)` is called after every optimizer step (tests use it to simulate a kill).
+    """
+    world = dd.setup()
+    try:
+        return _train(world, model_path, Path(out), qcfg, tcfg, data, overwrite, progress and world.main, restart,
+                      on_step, threads)
+    finally:
+        dd.teardown(world)
+
+
+def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restart, on_step, threads) -> dict:
+    from lowbit.io.native import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output directory {out} exists; pass --overwrite to replace it")
+    if tcfg.batch_size % world.size:
+        raise LowbitError(f"batch size {tcfg.batch_size} is not divisible by the {world.size} processes")
+    local = tcfg.batch_size // world.size
+    micro = tcfg.micro_batch or local
+    if local % micro:
+        raise LowbitError(f"micro batch {micro} does not divide the per-process batch {local}")
+    t_start = time.perf_counter()
+    model, tokenizer = load_model(model_path)
+    if getattr(model, "_lowbit_quantized", False):
+        raise LowbitError(f"{model_path} is already quantized by lowbit; fine-tune the original model")
+    if tokenizer is None:
+        raise LowbitError(f"{model_path} has no tokenizer files; QAT needs one to read the training text")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and tcfg.seqlen > max_pos:
+        raise LowbitError(f"seqlen {tcfg.seqlen} exceeds the model's {max_pos} positions")
+    train_w, eval_w = load_windows(tokenizer, tcfg.dataset, tcfg.seqlen, path=tcfg.data_path, data=data,
+                                   eval_windows=tcfg.eval_windows)
+    fp = _fingerprint(qcfg, tcfg, model, train_w, world)
+    teacher = None
+    if tcfg.loss == "kd":
+        import copy
+
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    ptq_kind = needs_ptq(qcfg)
+    ptq = None
+    if ptq_kind is not None:
+        calib = _calibration(tokenizer, model, tcfg, data) if ptq_kind == "gptq" else None
+        ptq = ptq_weights(model, qcfg, ptq_kind, calib)
+    layers = prepare_model(model, qcfg, seed=tcfg.seed, ptq=ptq)
+    del ptq
+    main, quant = trainable(layers)
+    params = {**main, **quant}
+    groups = [{"params": list(main.values()), "lr": tcfg.lr, "weight_decay": tcfg.weight_decay}]
+    if quant:
+        groups.append({"params": list(quant.values()), "lr": tcfg.quant_lr(), "weight_decay": 0.0})
+    base_lrs = [g["lr"] for g in groups]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+
+    root = ckpt.checkpoint_dir_for(out)
+    if restart and world.main:
+        shutil.rmtree(root, ignore_errors=True)
+    dd.barrier(world)
+    start, history = ckpt.load(root, params, opt, fp) if tcfg.checkpoint_every else (0, [])
+    setup_s = time.perf_counter() - t_start
+
+    initial = {}
+    if world.main and tcfg.eval_every and start == 0:
+        initial = {f"initial_{k}": v for k, v in evaluate(model, eval_w, tcfg.loss, teacher).items()}
+    model.train()
+    tokens, t0 = 0, time.perf_counter()
+    evals: list[dict] = [h for h in history if "eval_nll" in h]
+    with _Progress(progress, tcfg.steps, start) as bar:
+        for step in range(start, tcfg.steps):
+            f = lr_factor(step, tcfg)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * f
+            idx = batch_indices(len(train_w), tcfg.batch_size, step, tcfg.seed)
+            n_tgt = target_count(train_w, idx)
+            mine = idx[world.rank * local:(world.rank + 1) * local]
+            loss_sum = 0.0
+            for i in range(0, local, micro):
+                j = mine[i:i + micro]
+                loss = window_loss(model, train_w.ids[j], train_w.mask[j], tcfg.loss, teacher) / n_tgt
+                loss.backward()
+                loss_sum += float(loss.detach())
+            plist = list(params.values())
+            dd.all_reduce_grads(plist, world)
+            loss_sum = dd.all_reduce_sum(loss_sum, world)
+            if tcfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(plist, tcfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += tcfg.batch_size * tcfg.seqlen
+            rec = {"step": step + 1, "loss": loss_sum, "lr": base_lrs[0] * f}
+            last = step + 1 == tcfg.steps
+            if world.main and tcfg.eval_every and ((step + 1) % tcfg.eval_every == 0 or last):
+                rec.update(evaluate(model, eval_w, tcfg.loss, teacher))
+                evals.append(rec)
+            history.append(rec)
+            bar.update(loss=loss_sum, tps=tokens / (time.perf_counter() - t0),
+                       ev=f"{evals[-1]['eval_nll']:.4f}" if evals else "—")
+            if tcfg.checkpoint_every and ((step + 1) % tcfg.checkpoint_every == 0) and not last:
+                if world.main:
+                    ckpt.save(root, step + 1, params, opt, fp, history)
+                dd.barrier(world)
+            if on_step is not None:
+                on_step(step + 1, rec)
+    train_s = time.perf_counter() - t0
+    final_eval = evaluate(model, eval_w, tcfg.loss, teacher) if world.main else {}
+    summary = {"method": qcfg.method, "bits": getattr(qcfg, "bits", None), "steps": tcfg.steps,
+               "resumed_from_step": start, "processes": world.size,
+               "trainable_params": sum(p.numel() for p in params.values()),
+               "train_seconds": train_s, "setup_seconds": setup_s,
+               "tokens_per_second": tokens / train_s if train_s > 0 else None,
+               "peak_memory_mb": peak_memory_mb(), **initial, **final_eval}
+    if world.main:
+        from lowbit.qat.export import export
+
+        summary.update(export(model, layers, qcfg, tcfg, out, model_path=model_path, tokenizer=tokenizer,
+                              summary=summary, history=history, overwrite=overwrite))
+        shutil.rmtree(root, ignore_errors=True)
+    dd.barrier(world)
+    return summary
