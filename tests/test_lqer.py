@@ -55,7 +55,7 @@ def test_eckart_young_identity_float64(layer):
     E = (W.double() - qw.dequantize().double()).T
     cfg = LQERConfig(rank=16, scale="act-mean", svd="full")
     A, B = error_factors(E, st, cfg)
-    s = st.act_mean_abs.double().clamp(min=1e-4)
+    s = st.act_mean_abs_max.double().clamp(min=1e-4)
     s = s / torch.sqrt(s.min() * s.max())
     sig = torch.linalg.svdvals(s[:, None] * E)
     lhs = (s[:, None] * (E - A @ B)).square().sum()
@@ -67,14 +67,14 @@ def test_constant_scale_is_plain_lqer_and_scale_invariant(layer):
     E = (W.double() - qw.dequantize().double()).T
     cfg = LQERConfig(rank=16, svd="full")
     A0, B0 = error_factors(E, st, cfg.model_copy(update={"scale": "none"}))
-    flat = type(st)(hessian=None, act_mean_abs=torch.full((IN,), 3.7), nsamples=1)
+    flat = type(st)(hessian=None, act_mean_abs_max=torch.full((IN,), 3.7), nsamples=1)
     A1, B1 = error_factors(E, flat, cfg.model_copy(update={"scale": "act-mean"}))
     assert torch.allclose(A0 @ B0, A1 @ B1, atol=1e-12)
     # scaling the statistic by a constant leaves A·B unchanged (float64 statistic: a float32 product
     # would perturb s by ~1e-7 relative, which the nearly flat error spectrum amplifies)
-    s64 = st.act_mean_abs.double()
-    st1 = type(st)(hessian=None, act_mean_abs=s64, nsamples=1)
-    st2 = type(st)(hessian=None, act_mean_abs=s64 * 17.0, nsamples=1)
+    s64 = st.act_mean_abs_max.double()
+    st1 = type(st)(hessian=None, act_mean_abs_max=s64, nsamples=1)
+    st2 = type(st)(hessian=None, act_mean_abs_max=s64 * 17.0, nsamples=1)
     Aa, Ba = error_factors(E, st1, cfg.model_copy(update={"scale": "act-mean"}))
     Ab, Bb = error_factors(E, st2, cfg.model_copy(update={"scale": "act-mean"}))
     assert float((Aa @ Ba - Ab @ Bb).norm() / (Aa @ Ba).norm()) < 1e-9
@@ -119,7 +119,7 @@ def test_deterministic_and_counted(layer):
 def test_more_rank_never_hurts_in_the_scaled_norm(layer):
     W, qw, _, _, st = layer
     E = (W.double() - qw.dequantize().double()).T
-    s = st.act_mean_abs.double().clamp(min=1e-4)
+    s = st.act_mean_abs_max.double().clamp(min=1e-4)
     errs = []
     for k in (4, 8, 16, 32, 64):
         A, B = error_factors(E, st, LQERConfig(rank=k, scale="act-mean", svd="full"))
