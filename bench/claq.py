@@ -1,0 +1,240 @@
+"""CLAQ on the reference model, against GPTQ at matched bits and a SqueezeLLM-style baseline, plus the
+1-D k-means speed comparison with scikit-learn. Writes bench/results/claq.{md,json}.
+
+    python bench/claq.py [--max-windows 128] [--kl-windows 32] [--only NAME ...] [--skip-kmeans]
+
+Each quantization is its own `lowbit quantize` process (as `make demo`); evaluation happens here with the
+fp32 model loaded once: WikiText-2 test perplexity on the first `max-windows` windows, KL(fp32 ‖ q) on the
+first `kl-windows`. Bits per weight count everything stored (codes, scales, zeros, codebooks, code-width
+index, outlier values and positions) over the quantized linears. Finished runs are cached in
+WORK/rows/ (one file per run) so an interrupted bench resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+WORK = Path(os.environ.get("LOWBIT_CLAQ_WORK", "/tmp/lowbit-claq-bench"))
+
+# name -> `lowbit quantize` flags
+RUNS: dict[str, list[str]] = {
+    "gptq-w4-pc": ["--method", "gptq", "--bits", "4", "--group-size", "-1"],
+    "gptq-w3-pc": ["--method", "gptq", "--bits", "3", "--group-size", "-1"],
+    "claq-w4": ["--method", "claq", "--bits", "4"],
+    "claq-w3": ["--method", "claq", "--bits", "3"],
+    "claq-w4-cb8": ["--method", "claq", "--bits", "4", "--codebook-bits", "8"],
+    "claq-w3-cb8": ["--method", "claq", "--bits", "3", "--codebook-bits", "8"],
+    "claq-ap3.1": ["--method", "claq", "--bits", "3", "--claq-target-bits", "3.1"],
+    "claq-ap2.2": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.2"],
+    "claq-ap2.1": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.1"],
+    "claq-ap3.1-or": ["--method", "claq", "--bits", "3", "--claq-target-bits", "3.1", "--claq-outliers", "dynamic"],
+    "claq-ap2.2-or": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.2", "--claq-outliers", "dynamic"],
+    "claq-ap2.1-or": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.1", "--claq-outliers", "dynamic"],
+    "claq-w2": ["--method", "claq", "--bits", "2"],
+    "squeezellm-w4": ["--method", "squeezellm", "--bits", "4"],
+    # the same with every block's codebooks fitted in one batch (not the paper's per-column refit)
+    "claq-w3-block": ["--method", "claq", "--bits", "3", "--claq-fit", "block"],
+    "claq-w4-block": ["--method", "claq", "--bits", "4", "--claq-fit", "block"],
+    "claq-w3-cb8-block": ["--method", "claq", "--bits", "3", "--codebook-bits", "8", "--claq-fit", "block"],
+    "claq-ap3.1-block": ["--method", "claq", "--bits", "3", "--claq-target-bits", "3.1", "--claq-fit", "block"],
+    "claq-ap2.2-block": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.2", "--claq-fit", "block"],
+    "claq-ap2.1-block": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.1", "--claq-fit", "block"],
+    "claq-ap3.1-or-block": ["--method", "claq", "--bits", "3", "--claq-target-bits", "3.1", "--claq-outliers",
+                            "dynamic", "--claq-fit", "block"],
+    "claq-ap2.2-or-block": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.2", "--claq-outliers",
+                            "dynamic", "--claq-fit", "block"],
+    "claq-ap2.1-or-block": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.1", "--claq-outliers",
+                            "dynamic", "--claq-fit", "block"],
+    "squeezellm-w3": ["--method", "squeezellm", "--bits", "3"],
+    # GPTQ at group sizes whose bits per weight bracket CLAQ's (codebooks cost 2^b·16/out per weight)
+    "gptq-w4-g32": ["--method", "gptq", "--bits", "4", "--group-size", "32"],
+    "gptq-w3-g128": ["--method", "gptq", "--bits", "3", "--group-size", "128"],
+    "gptq-w3-g64": ["--method", "gptq", "--bits", "3", "--group-size", "64"],
+    "gptq-w3-g32": ["--method", "gptq", "--bits", "3", "--group-size", "32"],
+    "gptq-w2-g64": ["--method", "gptq", "--bits", "2", "--group-size", "64"],
+    "gptq-w2-g32": ["--method", "gptq", "--bits", "2", "--group-size", "32"],
+    "gptq-w2-g16": ["--method", "gptq", "--bits", "2", "--group-size", "16"],
+}
+
+COLUMNS = ["run", "bits_per_weight", "code_bits", "meta_bits", "outlier_bits", "ppl", "kl", "top1_agreement",
+           "quantize_seconds", "method_seconds"]
+
+
+def storage_breakdown(qweights) -> dict:
+    n = sum(q.shape[0] * q.shape[1] for q in qweights.values())
+    tot: dict[str, int] = {}
+    for q in qweights.values():
+        for k, v in q.storage().items():
+            tot[k] = tot.get(k, 0) + v
+    out = {k: v / n for k, v in tot.items()}
+    return {"bits_per_weight": sum(out.values()), "code_bits": out.get("codes", 0.0),
+            "outlier_bits": out.get("outlier_values", 0.0) + out.get("outlier_index", 0.0),
+            "meta_bits": sum(v for k, v in out.items() if k not in ("codes", "outlier_values", "outlier_index")),
+            "storage": out}
+
+
+def model_runs(ref: Path, names: list[str], max_windows: int, kl_windows: int, data: str | None,
+               cached_only: bool = False) -> list[dict]:
+    from lowbit.io.native import load_model, load_quantized
+    from lowbit.jobs import eval_job
+
+    # one cache file per run: interrupted benches resume, and workers with disjoint --only lists can run
+    # side by side
+    cache_dir = WORK / "rows"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def cached(key: str) -> dict | None:
+        f = cache_dir / f"{key}.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def store(key: str, row: dict) -> None:
+        (cache_dir / f"{key}.json").write_text(json.dumps(row, indent=1))
+
+    base_model, tok = load_model(str(ref))
+    key = f"fp32-{max_windows}-{kl_windows}"
+    if cached(key) is None:
+        ev = eval_job(str(ref), model=base_model, tokenizer=tok, data=data, max_windows=max_windows, progress=False)
+        store(key, {"run": "fp32", "bits_per_weight": 32.0, "ppl": ev["ppl"], "kl": 0.0, "top1_agreement": 1.0,
+                    "protocol": {k: ev[k] for k in ("seqlen", "n_windows", "n_tokens")}})
+    rows = [cached(key)]
+    for name in names:
+        key = f"{name}-{max_windows}-{kl_windows}"
+        if cached(key) is not None:
+            rows.append(cached(key))
+            continue
+        if cached_only:
+            continue
+        out = WORK / "models" / name
+        cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(ref), "-o", str(out), *RUNS[name],
+               "--overwrite", "--quiet"] + (["--data", data] if data else [])
+        print(f"== {name}: {' '.join(RUNS[name])}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"quantization failed: {' '.join(cmd)}")
+        info = json.loads((out / "lowbit.json").read_text())
+        qmodel, qweights, _ = load_quantized(out)
+        ev = eval_job(str(out), model=qmodel, tokenizer=tok, base_model=base_model, data=data,
+                      max_windows=max_windows, kl_windows=kl_windows, progress=False)
+        row = {"run": name, **storage_breakdown(qweights), "ppl": ev["ppl"], "kl": ev["kl"],
+               "top1_agreement": ev["top1_agreement"], "quantize_seconds": info["summary"]["quantize_seconds"],
+               "method_seconds": sum(r["seconds"] for r in info["layers"]), "flags": " ".join(RUNS[name])}
+        print({k: row[k] for k in COLUMNS}, flush=True)
+        store(key, row)
+        rows.append(row)
+        del qmodel
+    return rows
+
+
+def kmeans_speed(ref: Path, n_cols: int = 48) -> list[dict]:
+    """Per-column time and SSE: scikit-learn KMeans (as the CLAQ authors call it) vs ours, on columns of
+    the reference model's linears (length = out_features), back to back in one process, one thread."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    from lowbit.io.native import load_model
+    from lowbit.methods.kmeans import kmeans_1d, kmeans_1d_optimal, sse
+
+    model, _ = load_model(str(ref))
+    torch.set_num_threads(1)
+    layers = {n: m.weight.detach().float() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for name, w in layers.items():  # columns W[:, j]: the first n_cols of each layer, grouped by length
+        by_len.setdefault(w.shape[0], []).append(w[:, :n_cols].T)
+    rows = []
+    for m_len, cols in sorted(by_len.items()):
+        X = torch.cat(cols)[: 4 * n_cols * 2]  # a fixed sample of columns of this length
+        for k in (4, 8, 16):
+            with threadpool_limits(1):
+                t0 = time.perf_counter()
+                centers = []
+                for x in X.double().numpy():
+                    km = KMeans(n_clusters=k, random_state=10, n_init="auto").fit(x[:, None])
+                    centers.append(np.sort(km.cluster_centers_[:, 0]))
+                t_sk = (time.perf_counter() - t0) / X.shape[0]
+            e_sk = sse(X, torch.tensor(np.stack(centers)).float())
+            t0 = time.perf_counter()
+            r = kmeans_1d(X, k)  # every column of the sample in one batched call
+            t_batch = (time.perf_counter() - t0) / X.shape[0]
+            e_ours = sse(X, r.centroids)
+            t0 = time.perf_counter()
+            for i in range(min(64, X.shape[0])):  # one column per call: CLAQ's faithful in-sweep regime
+                kmeans_1d(X[i : i + 1], k)
+            t_single = (time.perf_counter() - t0) / min(64, X.shape[0])
+            e_opt = sse(X[:32], kmeans_1d_optimal(X[:32], k))
+            ratio = e_ours / e_sk
+            rows.append({"column_length": m_len, "k": k, "columns": X.shape[0],
+                         "sklearn_ms_per_col": 1e3 * t_sk, "ours_batched_ms_per_col": 1e3 * t_batch,
+                         "speedup_batched": t_sk / t_batch, "ours_single_ms_per_col": 1e3 * t_single,
+                         "speedup_single": t_sk / t_single,
+                         "sse_ours_over_sklearn_mean": float(ratio.mean()),
+                         "cols_ours_worse_by_1pct": float((ratio > 1.01).double().mean()),
+                         "sse_sklearn_over_optimal": float((e_sk[:32] / e_opt).mean()),
+                         "sse_ours_over_optimal": float((e_ours[:32] / e_opt).mean())})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-windows", type=int, default=128)
+    ap.add_argument("--kl-windows", type=int, default=32)
+    ap.add_argument("--only", nargs="*", default=None, help="run names (default: all)")
+    ap.add_argument("--skip-kmeans", action="store_true")
+    ap.add_argument("--skip-models", action="store_true")
+    ap.add_argument("--cached-only", action="store_true", help="tabulate finished runs only (no new runs)")
+    ap.add_argument("--no-write", action="store_true", help="run (and cache) only; do not write results")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--extra-note", default="", help="appended to the results note")
+    a = ap.parse_args()
+    from lowbit.eval.report import results_table, write_results
+    from lowbit.reference import reference_path
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    ref = reference_path()
+    if not (ref / "training.json").is_file():
+        raise SystemExit(f"the reference model {ref} is not built; run `lowbit reference build` first")
+    old = json.loads((RESULTS / "claq.json").read_text()) if (RESULTS / "claq.json").exists() else {}
+    km_rows = old.get("kmeans", []) if a.skip_kmeans else kmeans_speed(ref)
+    names = a.only or list(RUNS)
+    rows = old.get("rows", []) if a.skip_models else model_runs(ref, names, a.max_windows, a.kl_windows, a.data,
+                                                                a.cached_only)
+    if a.no_write:
+        return
+    proto = rows[0].get("protocol", {}) if rows else {}
+    note = (f"Reference model (lowbit reference build). WikiText-2 raw test perplexity on the first "
+            f"{proto.get('n_windows')} windows of {proto.get('seqlen')} tokens ({proto.get('n_tokens')} tokens), "
+            f"KL(fp32 ‖ quantized) on the first {a.kl_windows}; calibration 128 × {proto.get('seqlen')} C4 windows. "
+            "bits_per_weight = code_bits + meta_bits (scales/zeros or codebooks + code-width index) + outlier_bits "
+            "(fp16 values + int32 positions), over all quantized linears. quantize_seconds is the whole "
+            "`lowbit quantize` pipeline (calibration forward passes included), method_seconds the quantizers "
+            "alone; the machine has 2 cores shared with other jobs, so times are indicative only.\n\n"
+            "k-means: scikit-learn KMeans(n_clusters=k, random_state=10, n_init='auto') per column (the CLAQ "
+            "authors' call) vs lowbit's kmeans_1d (coarse-DP init + sorted prefix-sum Lloyd, sklearn's tol) on "
+            "the same columns of the reference model, one thread each, back to back in one process; "
+            "'batched' fits all sampled columns in one call, 'single' one column per call (CLAQ's in-sweep "
+            "regime). SSE ratios are means over columns; optimal = exact DP." + (f"\n\n{a.extra_note}" if a.extra_note else ""))
+    md_models = results_table(rows, COLUMNS)[0]
+    km_cols = list(km_rows[0]) if km_rows else []
+    md_km = results_table(km_rows, km_cols)[0] if km_rows else ""
+    write_results(rows, RESULTS, "claq", COLUMNS, note=note)
+    # one file for both tables (write_results writes the first; the k-means table is appended)
+    data = json.loads((RESULTS / "claq.json").read_text())
+    data["kmeans"] = km_rows
+    (RESULTS / "claq.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (RESULTS / "claq.md").write_text(f"## Models\n\n{md_models}\n## k-means speed\n\n{md_km}\n{note}\n")
+    print(md_models)
+    print(md_km)
+
+
+if __name__ == "__main__":
+    main()
