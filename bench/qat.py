@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-COLUMNS = ["method", "bits", "group_size", "bits_per_weight", "ppl", "kl", "top1_agreement", "steps",
+COLUMNS = ["method", "bits", "group_size", "rank", "bits_per_weight", "ppl", "kl", "top1_agreement", "steps",
            "train_seconds", "peak_memory_mb", "loss"]
 MEM_COLUMNS = ["model", "method", "trainable_params", "rss_before_mb", "train_peak_mb", "train_added_mb", "seconds_per_step"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -73,17 +73,18 @@ def quality(a) -> None:
             label = method if not a.init_from or method not in ("l4q", "lr-qat") else f"{method} ({a.init_from} init)"
             if a.tag and method not in ("rtn", "gptq"):
                 label += f" {a.tag}"
-            out = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-w{bits}g128"
+            g = a.group_size
+            out = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-w{bits}g{g}"
             if method in ("rtn", "gptq"):
                 t = time.perf_counter()
                 _run([sys.executable, "-m", "lowbit.cli", "quantize", ref, "-o", str(out), "--method", method,
-                      "--bits", str(bits), "--group-size", "128", "--overwrite", "--quiet"])
+                      "--bits", str(bits), "--group-size", str(g), "--overwrite", "--quiet"])
                 s = json.loads((out / "lowbit.json").read_text())["summary"]
-                row = {"method": method, "bits": bits, "group_size": 128, "bits_per_weight": s["bits_per_weight"],
+                row = {"method": method, "bits": bits, "group_size": g, "bits_per_weight": s["bits_per_weight"],
                        "steps": 0, "train_seconds": s["quantize_seconds"], "peak_memory_mb": s["peak_memory_mb"]}
             else:
                 cmd = [sys.executable, "-m", "lowbit.cli", "finetune", ref, "-o", str(out), "--method", method,
-                       "--bits", str(bits), "--group-size", "128", "--rank", str(a.rank), "--steps", str(a.steps),
+                       "--bits", str(bits), "--group-size", str(g), "--rank", str(a.rank), "--steps", str(a.steps),
                        "--lr", str(a.lr), "--lr-quant", str(a.lr_quant), "--batch-size", str(a.batch_size),
                        "--seqlen", "256", "--loss", a.loss, "--eval-every", "0", "--checkpoint-every", "0",
                        "--threads", "1", "--overwrite", "--quiet"]
@@ -95,18 +96,34 @@ def quality(a) -> None:
                 info = json.loads((out / "lowbit.json").read_text())
                 s = info["summary"]
                 bpw = json.loads((out / "config.json").read_text())["quantization_config"]["bits_per_weight"]
-                row = {"method": label, "bits": bits, "group_size": 128, "bits_per_weight": bpw, "steps": a.steps,
+                row = {"method": label, "bits": bits, "group_size": g, "bits_per_weight": bpw, "steps": a.steps,
                        "train_seconds": s["train_seconds"], "peak_memory_mb": s["peak_memory_mb"],
-                       "loss": a.loss}
+                       "loss": a.loss, "rank": a.rank}
             row.update(evaluate(out))
             print(row, flush=True)
             rows.append(row)
-            path = RESULTS / "qat.json"
-            merged = _merge(path, [row], lambda r: (r["method"], r["bits"], r.get("loss")))
-            merged.sort(key=lambda r: (-r["bits"], a.order.index(r["method"].split()[0])
-                                       if r["method"].split()[0] in a.order else 99, r["method"]))
-            write_results(merged, RESULTS, "qat", COLUMNS, note=_note(a))
+            _save([row], a.order)
     print(results_table(rows, COLUMNS)[0])
+
+
+NOTE = "(note written at the end of the session)"
+
+
+def _save(rows: list[dict], order: list[str]) -> None:
+    """Merge `rows` into bench/results/qat.{json,md} under a lock (several bench processes may finish at once).
+    A row is keyed by (method label, bits, group size, rank, loss); the note is `NOTE`."""
+    import fcntl
+
+    from lowbit.eval.report import write_results
+
+    path = RESULTS / "qat.json"
+    with open(RESULTS / ".qat.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        key = lambda r: (r["method"], r["bits"], r["group_size"], r.get("rank"), r.get("loss"))  # noqa: E731
+        merged = _merge(path, rows, key)
+        first = lambda r: order.index(r["method"].split()[0]) if r["method"].split()[0] in order else 99  # noqa: E731
+        merged.sort(key=lambda r: (-r["bits"], -r["group_size"], first(r), r["method"]))
+        write_results(merged, RESULTS, "qat", COLUMNS, note=NOTE)
 
 
 def _note(a) -> str:
@@ -227,6 +244,7 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lr-quant", type=float, default=1e-4)
     ap.add_argument("--loss", default="kd", choices=["ce", "kd"])

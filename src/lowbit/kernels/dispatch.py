@@ -1,8 +1,10 @@
 """Which kernel runs a `QuantLinear`'s base GEMM, chosen by its `backend` setting.
 
 * `reference`: always the pure-torch path (dequantize once, cache, `F.linear`). Exact; the yardstick.
-* `auto` (default): a kernel when one applies *and* the activations are bf16 (where the ATen ops are
-  fast), the reference otherwise. fp32 evaluation therefore stays bit-identical to the reference.
+* `auto` (default): the int4 / int8 kernels when they apply *and* the activations are bf16 (where the
+  ATen ops are fast), the reference otherwise. fp32 evaluation therefore stays bit-identical to the
+  reference. The LUT path is never chosen automatically: it saves memory but is ~100× slower than the
+  cached dequantized weight (bench/results/inference.md), so it runs only with `kernel`.
 * `kernel`: a kernel whenever one applies; fp32/fp16 activations are cast to bf16 for it and the output
   back. Layers no kernel can run (MXINT, outliers, act-order g_idx, odd shapes) use the reference.
 
@@ -61,6 +63,11 @@ def base_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     backend = getattr(module, "backend", "auto")
     if backend == "reference" or (backend == "auto" and x.dtype != torch.bfloat16):
         return None
+    if backend == "auto":
+        if getattr(module, "_auto_kind", "?") == "?":
+            module._auto_kind = kernel_for(module.qweight)
+        if module._auto_kind in (None, "lut"):
+            return None
     _, kind, packed = _state(module, torch.bfloat16)
     if kind is None:
         return None
@@ -87,5 +94,6 @@ def set_backend(model: nn.Module, backend: str) -> dict[str, int]:
         if isinstance(m, QuantLinear):
             m.backend = backend
             k = "reference" if backend == "reference" else (kernel_for(m.qweight) or "reference")
+            k = "reference" if (backend == "auto" and k == "lut") else k
             counts[k] = counts.get(k, 0) + 1
     return counts
