@@ -284,3 +284,34 @@ def test_cli_native_round_trip(tiny_model_dir, tmp_path):
     assert qc["bits_per_weight"] == pytest.approx(sum(_state_bits(q) for q in qweights.values()) / n)
     bad = CliRunner().invoke(app, args[:-1] + ["--claq-outliers", "2.0", "--overwrite", "--quiet"])
     assert bad.exit_code == 2 and "lowbit: error:" in bad.output
+
+
+def test_needs_calibration_follows_the_config():
+    from lowbit.methods import needs_calibration
+
+    weighted = parse_method_config({"method": "squeezellm", "bits": 3})
+    plain = parse_method_config({"method": "squeezellm", "bits": 3, "weighting": "none"})
+    assert needs_calibration(weighted) and not needs_calibration(plain)
+    assert needs_calibration(parse_method_config({"method": "claq", "bits": 3}))
+    # unweighted SqueezeLLM quantizes without statistics, exactly as with them (they are unused)
+    qw = quantize_weight(W, None, plain)
+    assert torch.equal(qw.dequantize(), squeezellm_quantize(W, H, plain).dequantize())
+    with pytest.raises(LowbitError):
+        quantize_weight(W, None, weighted)
+
+
+def test_per_column_refit_equals_the_batched_fit():
+    """The faithful sweep's one-column refit (`_fit_column`) stores the same codebook as `_fit`."""
+    from lowbit.methods.claq import ClaqColumnGrid
+
+    for cb in (16, 8):
+        cfg = ClaqConfig(bits=2, target_bits=2.5, codebook_bits=cb)
+        bits = torch.tensor([2, 4] * 5, dtype=torch.uint8)
+        a = ClaqColumnGrid(bits, torch.zeros(10, dtype=torch.float64), cfg)
+        b = ClaqColumnGrid(bits, torch.zeros(10, dtype=torch.float64), cfg)
+        for j in range(10):
+            a._fit(W[:, j][None], j)
+            b._fit_column(W[:, j], j)
+        assert torch.equal(a.lut, b.lut)
+        if cb == 8:
+            assert torch.equal(a.entries, b.entries) and torch.equal(a.entry_scale, b.entry_scale)

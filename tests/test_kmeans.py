@@ -134,3 +134,52 @@ def test_deterministic_and_seeded():
 def test_bad_input(bad):
     with pytest.raises(LowbitError):
         bad()
+
+
+def test_one_vector_path_matches_the_batch():
+    """`_fit_one` (one vector, CLAQ's in-sweep call) runs the batched algorithm's steps on 1-D arrays:
+    the same centroids as fitting that vector inside a batch (where each vector stops on its own)."""
+    X = _heavy(24, 200, seed=6)
+    W = torch.rand(24, 200, generator=torch.Generator().manual_seed(6)) + 0.1
+    for k in (1, 2, 4, 16):
+        for weights in (None, W):
+            batch = kmeans_1d(X, k, weights)
+            for i in range(X.shape[0]):
+                wi = None if weights is None else weights[i : i + 1]
+                one = kmeans_1d(X[i : i + 1], k, wi)
+                assert torch.allclose(one.centroids[0], batch.centroids[i], rtol=1e-6, atol=1e-9), (k, i)
+                assert torch.equal(one.codes, nearest(X[i : i + 1], one.centroids))
+
+
+def test_dp_chunks_and_many_clusters():
+    from lowbit.methods import kmeans as km
+
+    # the DP runs in chunks of vectors: identical to one vector at a time
+    X = _heavy(km._DP_CHUNK * 2 + 5, 24, seed=7)
+    whole = kmeans_1d_optimal(X, 3)
+    rows = torch.cat([kmeans_1d_optimal(X[i : i + 1], 3) for i in range(X.shape[0])])
+    assert torch.equal(whole, rows)
+    # more clusters than the coarse DP has cut steps (31): the unrestricted recursion, still a valid start
+    Y = _heavy(4, 300, seed=8)
+    r0 = kmeans_1d(Y, 40, max_iter=0)
+    r = kmeans_1d(Y, 40, tol=0)
+    assert torch.isfinite(r0.centroids).all()
+    assert (sse(Y, r.centroids) <= sse(Y, r0.centroids) * (1 + 1e-6)).all()
+    assert (sse(Y, r.centroids) <= sse(Y, kmeans_1d(Y, 16).centroids)).all()  # more clusters, less error
+
+
+def test_nearest_counts_midpoints_like_searchsorted():
+    """`nearest` counts midpoints below x; the reference is torch.searchsorted (side="left"), with exact
+    ties at midpoints (to the lower centroid) and duplicate centroids."""
+    g = torch.Generator().manual_seed(9)
+    X = _heavy(16, 300, seed=9)
+    for k in (1, 2, 3, 8, 16, 32, 40):
+        C = torch.sort(torch.randn(16, k, generator=g) * 0.05, 1).values
+        if k > 2:
+            C[:, 1] = C[:, 0]
+        mids = (C[:, 1:] + C[:, :-1]) / 2
+        Xt = X.clone()
+        if k > 1:
+            Xt[:, :4] = mids[:, -1:]  # exactly on a midpoint
+        ref = torch.searchsorted(mids.contiguous(), Xt.contiguous(), side="left")
+        assert torch.equal(nearest(Xt, C), ref), k

@@ -47,21 +47,22 @@ def _squeezellm(W: torch.Tensor, stats: LayerStats | None, config: SqueezeLLMCon
     return squeezellm_quantize(W, None if stats is None else stats.hessian, config), None
 
 
-# method name -> (implementation, needs calibration statistics)
-_METHODS: dict[str, tuple[Callable[..., Result], bool]] = {
+# method name -> (implementation, needs calibration statistics: a bool, or a function of the config)
+_METHODS: dict[str, tuple[Callable[..., Result], bool | Callable[..., bool]]] = {
     "rtn": (_rtn, False),
     "gptq": (_gptq, True),
     "claq": (_claq, True),
-    "squeezellm": (_squeezellm, True),
+    "squeezellm": (_squeezellm, lambda c: c.weighting != "none"),  # unweighted k-means needs no data
 }
 
 
 def _entry(config: MethodConfig) -> tuple[Callable[..., Result], bool]:
     try:
-        return _METHODS[config.method]
+        fn, needs = _METHODS[config.method]
     except (KeyError, AttributeError):
         raise LowbitError(f"unknown quantization method {getattr(config, 'method', config)!r}; "
                           f"choose one of {sorted(_METHODS)}") from None
+    return fn, bool(needs(config) if callable(needs) else needs)
 
 
 def needs_calibration(config: MethodConfig) -> bool:

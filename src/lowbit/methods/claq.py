@@ -93,6 +93,7 @@ class ClaqColumnGrid:
     def __init__(self, col_bits: torch.Tensor, col_p: torch.Tensor, cfg: ClaqConfig):
         self.cfg = cfg
         self.col_bits, self.col_p = col_bits, col_p
+        self._bits = col_bits.tolist()  # python ints: per-column lookups without tensor overhead
         n = col_bits.numel()
         self.K = 2 ** int(col_bits.max())
         self.lut = torch.zeros(n, self.K, dtype=torch.float16)
@@ -117,13 +118,23 @@ class ClaqColumnGrid:
             if q is not None:
                 self.entries[idx, : 2**b], self.entry_scale[idx], self.entry_min[idx] = q, s, lo
 
+    def _fit_column(self, w: torch.Tensor, j: int) -> None:
+        """`_fit` of one column (the faithful sweep's per-column refit) without the per-width batching."""
+        K = 2 ** self._bits[j]
+        km = self.cfg.kmeans
+        c = kmeans_1d(w[None], K, init=km.init, max_iter=km.max_iter, tol=km.tol, seed=km.seed).centroids
+        lut, q, s, lo = encode_codebook(c, self.cfg.codebook_bits)
+        self.lut[j, :K] = lut[0]
+        if q is not None:
+            self.entries[j, :K], self.entry_scale[j], self.entry_min[j] = q[0], s[0], lo[0]
+
     def start_group(self, W_group: torch.Tensor, j: int) -> None:
         self._fit(W_group.T, j)
 
     def quantize_column(self, w: torch.Tensor, j: int):
         if self.group_size == 0:
-            self._fit(w[None], j)
-        K = 2 ** int(self.col_bits[j])
+            self._fit_column(w, j)
+        K = 2 ** self._bits[j]
         lut = self.lut[j, :K].float()
         codes = nearest(w[None].float(), lut[None])[0]
         wq = lut[codes].to(w.dtype)

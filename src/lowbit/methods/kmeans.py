@@ -57,9 +57,21 @@ def _check(X: torch.Tensor, k: int, weights: torch.Tensor | None) -> None:
 
 
 def nearest(X: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid (ascending centroids [n, k], values [n, m]); ties to the lower one."""
+    """Index of the nearest centroid (ascending centroids [n, k], values [n, m]); ties to the lower one.
+
+    code = #{midpoints < x} (= searchsorted(mids, x, side="left")). Up to 32 centroids it is counted
+    with k − 1 broadcast comparisons (~15× faster than torch's batched searchsorted on CPU, which is
+    branchy per element)."""
     mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
-    return torch.searchsorted(mids.contiguous(), X.contiguous(), side="left")
+    if mids.shape[1] > 31 or X.device.type != "cpu":
+        return torch.searchsorted(mids.contiguous(), X.contiguous(), side="left")
+    Xn, Mn = X.detach().numpy(), mids.detach().numpy()
+    count = np.zeros(Xn.shape, dtype=np.uint8)
+    below = np.empty(Xn.shape, dtype=bool)
+    for j in range(Mn.shape[1]):
+        np.less(Mn[:, j : j + 1], Xn, out=below)
+        count += below
+    return torch.from_numpy(count.astype(np.int64))
 
 
 def _prefix(v: np.ndarray) -> np.ndarray:
@@ -81,8 +93,10 @@ class _RowSearch:
         self.base = (np.arange(n) * self.m)[:, None]
         self.flat = (xs + self.off).ravel()
 
-    def __call__(self, q: np.ndarray, side: str) -> np.ndarray:
-        return np.searchsorted(self.flat, (q + self.off).ravel(), side=side).reshape(q.shape) - self.base
+    def __call__(self, q: np.ndarray, side: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Per row i (or rows[i]), the insertion points of q[i] in that row."""
+        off, base = (self.off, self.base) if rows is None else (self.off[rows], self.base[rows])
+        return np.searchsorted(self.flat, (q + off).ravel(), side=side).reshape(q.shape) - base
 
 
 def _sorted(X: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -142,17 +156,25 @@ def kmeans_1d(X: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
     from each (as one batch) and each vector keeps its lowest-SSE result, never worse than any of them.
     Or explicit starting `centroids` [n, k].
 
-    Lloyd stops when no cluster boundary moves in any vector (an exact fixed point), when every vector's
-    Σ (centroid shift)² ≤ tol · its variance (scikit-learn's criterion and default; tol = 0 runs to the
-    exact fixed point), or after max_iter steps. Arithmetic in float64 (numpy: far less per-call
-    overhead than torch for the one-column calls of CLAQ's sweep); centroids returned in float32.
+    Each vector's Lloyd stops on its own (finished vectors leave the batch): when none of its cluster
+    boundaries moves (an exact fixed point), when Σ (centroid shift)² ≤ tol · its variance
+    (scikit-learn's criterion and default; tol = 0 runs to the exact fixed point), or after max_iter
+    steps. Arithmetic in float64 (numpy: far less per-call overhead than torch); centroids returned in
+    float32. One vector with the default init takes `_fit_one` (the same arithmetic on 1-D arrays, without
+    the batching machinery: CLAQ's in-sweep refit calls this once per column).
     """
     _check(X, k, weights)
     n, m = X.shape
     Xn = X.detach().float().cpu().numpy()
     Wn = None if weights is None else weights.detach().float().cpu().numpy()
+    if n == 1 and centroids is None and init == "dp":
+        c, it, codes = _fit_one(Xn[0], None if Wn is None else Wn[0], k, max_iter, tol)
+        return KMeansResult(torch.from_numpy(c)[None], torch.from_numpy(codes)[None], it)
     xs, ws = _sorted(Xn, Wn)
-    P0, P1 = _prefix(ws), _prefix(ws * xs)
+    if Wn is None:  # unit weights: Σ1 = the count, exactly; no multiplications by 1
+        P0, P1 = np.broadcast_to(np.arange(m + 1, dtype=np.float64), (n, m + 1)), _prefix(xs)
+    else:
+        P0, P1 = _prefix(ws), _prefix(ws * xs)
     if centroids is not None:
         if tuple(centroids.shape) != (n, k):
             raise LowbitError(f"k-means: initial centroids shape {tuple(centroids.shape)}, expected {(n, k)}")
@@ -161,7 +183,7 @@ def kmeans_1d(X: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
         starts = []
         for name in (init,) if isinstance(init, str) else init:
             if name == "dp":
-                starts.append(_init_coarse_dp(xs, ws, P0, P1, k))
+                starts.append(_init_coarse_dp(xs, None if Wn is None else ws, P0, P1, k))
             elif name == "uniform":
                 starts.append(_init_uniform(xs, k))
             elif name == "quantile":
@@ -179,27 +201,35 @@ def kmeans_1d(X: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
     N = I * n
     # scikit-learn's tolerance: stop when Σ_i (centroid shift)² ≤ tol · variance of the vector.
     tol_abs = tol * xs.var(axis=1)
-    zeros, ms = np.zeros((N, 1), dtype=np.int64), np.full((N, 1), m, dtype=np.int64)
-    search, rows = _RowSearch(xs), np.arange(N)[:, None]
-    prev = None
+    search = _RowSearch(xs)
+    c = np.ascontiguousarray(c, dtype=np.float64)
+    prev = np.full((N, k - 1), -1, dtype=np.int64)
+    live = np.arange(N)  # vectors still iterating: each stops on its own (fixed point or tol)
     it = 0
     for it in range(1, max_iter + 1):
-        b = search((c[:, 1:] + c[:, :-1]) / 2, "right")  # values ≤ mid go to the lower cluster
-        if prev is not None and np.array_equal(b, prev):
-            it -= 1
-            break
-        prev = b
-        B = np.concatenate([zeros, b, ms], axis=1)
-        G0, G1 = P0[rows, B], P1[rows, B]
+        cl = c[live]
+        b = search((cl[:, 1:] + cl[:, :-1]) / 2, "right", live)  # values ≤ mid go to the lower cluster
+        moved = (b != prev[live]).any(1) if it > 1 else np.ones(live.size, dtype=bool)
+        if not moved.all():  # no boundary moved: an exact fixed point, done
+            live, b, cl = live[moved], b[moved], cl[moved]
+            if live.size == 0:
+                it -= 1
+                break
+        prev[live] = b
+        r = live[:, None]
+        G0 = np.concatenate([P0[r, 0], P0[r, b], P0[r, m]], axis=1)
+        G1 = np.concatenate([P1[r, 0], P1[r, b], P1[r, m]], axis=1)
         S0, S1 = G0[:, 1:] - G0[:, :-1], G1[:, 1:] - G1[:, :-1]
         empty = S0 <= 0
         new = S1 / np.where(empty, 1.0, S0)
         if empty.any():  # an empty cluster keeps its centroid; keep the order
-            new = np.sort(np.where(empty, c, new), axis=1)
-        shift2 = ((new - c) ** 2).sum(1)
-        c = new
-        if tol > 0 and (shift2 <= tol_abs).all():
-            break
+            new = np.sort(np.where(empty, cl, new), axis=1)
+        shift2 = ((new - cl) ** 2).sum(1)
+        c[live] = new
+        if tol > 0:
+            live = live[shift2 > tol_abs[live]]
+            if live.size == 0:
+                break
     if I > 1:
         Xr = np.tile(Xn, (I, 1))
         e = torch.from_numpy(Xr), torch.from_numpy(c).float()
@@ -210,6 +240,73 @@ def kmeans_1d(X: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
     return KMeansResult(cent, nearest(X.float(), cent), it)
 
 
+_COUNT_CUTS: dict[tuple[int, int], np.ndarray] = {}
+_COARSE = 16  # the coarse DP's cuts: h = max(16, k) equal-count segments and an h-step value grid
+
+
+def _fit_one(x: np.ndarray, w: np.ndarray | None, k: int, max_iter: int, tol: float):
+    """kmeans_1d(x[None], k, init="dp") for one float32 vector x [m]: (centroids float32 [k], Lloyd steps,
+    codes int64 [m]). Same steps as the batched path on 1-D arrays (numpy's 1-D searchsorted instead of
+    the shifted-rows search, plain indexing instead of take_along_axis): per call ~40 numpy calls
+    instead of ~200, which is what a one-column call costs."""
+    m = x.size
+    if w is None:
+        xs = np.sort(x).astype(np.float64)
+        ws = np.ones(m)
+        wx = xs
+    else:
+        o = np.argsort(x, kind="stable")
+        xs, ws = x[o].astype(np.float64), w[o].astype(np.float64)
+        wx = ws * xs
+    P0, P1 = np.zeros(m + 1), np.zeros(m + 1)
+    np.cumsum(ws, out=P0[1:])
+    np.cumsum(wx, out=P1[1:])
+    # coarse-DP start (`_init_coarse_dp`)
+    h = max(_COARSE, k)  # 2h − 1 cut steps ≥ k clusters: no empty (duplicate) starting centroids
+    if (m, h) not in _COUNT_CUTS:
+        _COUNT_CUTS[m, h] = np.round(np.linspace(0, m, h + 1)).astype(np.int64)
+    lo, hi = xs[0], xs[-1]
+    by_value = np.searchsorted(xs, lo + (hi - lo) * (np.arange(1, h) / h), "right")
+    cut = np.sort(np.concatenate([_COUNT_CUTS[m, h], by_value]))
+    xc = (xs - xs.mean()) / max(hi - lo, 1e-30)
+    wxc = xc if w is None else ws * xc
+    Q1, Q2 = np.zeros(m + 1), np.zeros(m + 1)
+    np.cumsum(wxc, out=Q1[1:])
+    np.cumsum(wxc * xc, out=Q2[1:])
+    Pc0, Pc1 = P0[cut], P1[cut]
+    st, en = _dp_segments(Pc0[None], Q1[cut][None], Q2[cut][None], k)
+    st, en = st[0], en[0]
+    s0, s1 = Pc0[en] - Pc0[st], Pc1[en] - Pc1[st]
+    c = np.sort(np.where(s0 > 0, s1 / np.where(s0 > 0, s0, 1.0), xs[np.minimum(cut[st], m - 1)]))
+    # Lloyd (see kmeans_1d)
+    tol_abs = tol * xs.var()
+    prev = None
+    B = np.empty(k + 1, dtype=np.int64)
+    B[0], B[-1] = 0, m
+    it = 0
+    for it in range(1, max_iter + 1):
+        b = np.searchsorted(xs, (c[1:] + c[:-1]) / 2, "right")
+        if prev is not None and np.array_equal(b, prev):
+            it -= 1
+            break
+        prev = b
+        B[1:-1] = b
+        G0, G1 = P0[B], P1[B]
+        S0, S1 = G0[1:] - G0[:-1], G1[1:] - G1[:-1]
+        empty = S0 <= 0
+        if empty.any():
+            new = np.sort(np.where(empty, c, S1 / np.where(empty, 1.0, S0)))
+        else:
+            new = S1 / S0
+        d = new - c
+        c = new
+        if tol > 0 and d @ d <= tol_abs:
+            break
+    c32 = c.astype(np.float32)
+    codes = np.searchsorted((c32[1:] + c32[:-1]) / np.float32(2), x, "left")  # = `nearest`
+    return c32, it, codes
+
+
 def sse(X: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-vector Σ w (x − nearest centroid)² in float64, [n]."""
     q = centroids.double().gather(1, nearest(X.float(), centroids.float()))
@@ -217,27 +314,60 @@ def sse(X: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor | None =
     return (e if weights is None else e * weights.double()).sum(1)
 
 
+_DP_CHUNK = 64  # vectors per DP pass: keeps its [chunk, M+1, M+1] work arrays in cache (~2.5× at M = 31)
+
+
 def _dp_segments(P0: np.ndarray, P1: np.ndarray, P2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_dp_chunk` over chunks of `_DP_CHUNK` vectors (rows are independent: identical results)."""
+    n, M1 = P0.shape
+    ch = max(1, min(_DP_CHUNK, (1 << 16) // (M1 * M1)))  # ≤ 512 KiB per work array
+    if n <= ch:
+        return _dp_chunk(P0, P1, P2, k)
+    parts = [_dp_chunk(P0[i : i + ch], P1[i : i + ch], P2[i : i + ch], k) for i in range(0, n, ch)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _dp_chunk(P0: np.ndarray, P1: np.ndarray, P2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Optimal k-segmentation of sorted weighted points with prefix sums P* [n, M+1] at the allowed cut
     positions 0 = p_0 ≤ … ≤ p_M = m. Returns (start, end) cut indices [n, k] into P*.
 
     D_j[t] = min_{a<t} D_{j−1}[a] + cost(a, t), cost(a, t) = S2 − S1²/S0 over the points between cuts a
-    and t (their weighted SSE about their mean)."""
+    and t (their weighted SSE about their mean). The cost is laid out [n, t, a] so every min runs over
+    the contiguous axis, and built in place (it is the bulk of the time: ~8 passes over n·(M+1)²)."""
     n, M1 = P0.shape
-    S0 = P0[:, None, :] - P0[:, :, None]  # [n, a, t]
-    S1 = P1[:, None, :] - P1[:, :, None]
-    S2 = P2[:, None, :] - P2[:, :, None]
+    S0 = P0[:, :, None] - P0[:, None, :]  # [n, t, a]
+    S1 = P1[:, :, None] - P1[:, None, :]
+    cost = P2[:, :, None] - P2[:, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        cost = np.where(S0 > 0, S2 - S1 * S1 / S0, 0.0)
-    cost = np.maximum(cost, 0)
-    cost[:, ~np.triu(np.ones((M1, M1), dtype=bool), 1)] = np.inf  # only a < t
-    D = cost[:, 0, :]  # one cluster over everything before cut t
+        np.multiply(S1, S1, out=S1)
+        np.divide(S1, S0, out=S1)
+    np.subtract(cost, S1, out=cost)
+    # fmax maps NaN (0/0: an empty segment, cost 0) and round-off negatives to 0; then only a < t
+    np.fmax(cost, 0.0, out=cost)
+    cost += _upper_inf(M1)
+    D = cost[:, :, 0]  # one cluster over everything before cut t
     back = []
-    for _ in range(1, k):
-        M = D[:, :, None] + cost
-        arg = M.argmin(axis=1)
-        D = np.take_along_axis(M, arg[:, None, :], 1)[:, 0, :]
-        back.append(arg)
+    if k <= M1 - 1:
+        # D_{j−1}[a] is finite only for a ≥ j (j clusters need j steps of cut), so layer j needs a ≥ j,
+        # t ≥ j + 1, and the last layer only t = M (the end): ~half the work at k = 16, M = 31.
+        for j in range(1, k):
+            t0 = j + 1 if j < k - 1 else M1 - 1
+            Mj = D[:, None, j:] + cost[:, t0:, j:]  # [n, T, A]
+            T, A = Mj.shape[1:]
+            arg = Mj.argmin(axis=2)  # first minimum
+            D = np.full((n, M1), np.inf)
+            D[:, t0:] = Mj.reshape(-1).take(np.arange(n * T) * A + arg.reshape(-1)).reshape(n, T)
+            bj = np.zeros((n, M1), dtype=np.int64)
+            bj[:, t0:] = arg + j
+            back.append(bj)
+    else:  # more clusters than cut steps: some segments are empty; the plain recursion
+        M = np.empty_like(cost)
+        flat, base = M.reshape(-1), np.arange(n * M1) * M1  # D = M[i, t, arg[i, t]] by one flat take
+        for _ in range(1, k):
+            np.add(D[:, None, :], cost, out=M)
+            arg = M.argmin(axis=2)
+            D = flat.take(base + arg.reshape(-1)).reshape(n, M1)
+            back.append(arg)
     starts = np.empty((n, k), dtype=np.int64)
     ends = np.empty((n, k), dtype=np.int64)
     t = np.full(n, M1 - 1, dtype=np.int64)
@@ -249,6 +379,16 @@ def _dp_segments(P0: np.ndarray, P1: np.ndarray, P2: np.ndarray, k: int) -> tupl
     return starts, ends
 
 
+_UPPER_INF: dict[int, np.ndarray] = {}
+
+
+def _upper_inf(M1: int) -> np.ndarray:
+    """[t, a] = +inf where a ≥ t (no such segment), 0 elsewhere; cached per size."""
+    if M1 not in _UPPER_INF:
+        _UPPER_INF[M1] = np.where(np.tril(np.ones((M1, M1), dtype=bool), -1), 0.0, np.inf)
+    return _UPPER_INF[M1]
+
+
 def _segment_means(xs, P0, P1, starts, ends, cut) -> np.ndarray:
     """Centroids of the segments [cut[start], cut[end]) (an empty segment: the value at its start)."""
     g = lambda P, i: np.take_along_axis(P, i, 1)  # noqa: E731
@@ -257,20 +397,21 @@ def _segment_means(xs, P0, P1, starts, ends, cut) -> np.ndarray:
     return np.sort(np.where(s0 > 0, s1 / np.where(s0 > 0, s0, 1.0), g(xs, at)), axis=1)
 
 
-def _init_coarse_dp(xs: np.ndarray, ws: np.ndarray, P0: np.ndarray, P1: np.ndarray, k: int) -> np.ndarray:
-    """Optimal k-means restricted to cuts at 16 equal-count positions and 15 positions of a
-    uniform value grid (the latter isolate sparse tails): exact SSE of every allowed segmentation from
+def _init_coarse_dp(xs: np.ndarray, ws: np.ndarray | None, P0: np.ndarray, P1: np.ndarray, k: int) -> np.ndarray:
+    """Optimal k-means restricted to cuts at h = max(16, k) equal-count positions and h − 1 positions of
+    a uniform value grid (the latter isolate sparse tails): exact SSE of every allowed segmentation from
     the prefix sums, O(k·cuts²) per vector, so Lloyd starts next to the global optimum."""
     n, m = xs.shape
-    h = 16
+    h = max(_COARSE, k)  # 2h − 1 cut steps ≥ k clusters: no empty (duplicate) starting centroids
     by_count = np.broadcast_to(np.round(np.linspace(0, m, h + 1)).astype(np.int64), (n, h + 1))
     lo, hi = xs[:, :1], xs[:, -1:]
     by_value = _RowSearch(xs)(lo + (hi - lo) * (np.arange(1, h) / h), "right")
     cut = np.sort(np.concatenate([by_count, by_value], axis=1), axis=1)
     # SSE about the vector mean, in units of its range: the same argmin, better conditioned.
     xc = (xs - xs.mean(1, keepdims=True)) / np.maximum(hi - lo, 1e-30)
-    P2 = _prefix(ws * xc * xc)
-    Pc0, Pc1 = np.take_along_axis(P0, cut, 1), np.take_along_axis(_prefix(ws * xc), cut, 1)
+    wxc = xc if ws is None else ws * xc  # ws None: unit weights
+    P2 = _prefix(wxc * xc)
+    Pc0, Pc1 = np.take_along_axis(P0, cut, 1), np.take_along_axis(_prefix(wxc), cut, 1)
     starts, ends = _dp_segments(Pc0, Pc1, np.take_along_axis(P2, cut, 1), k)
     return _segment_means(xs, Pc0, np.take_along_axis(P1, cut, 1), starts, ends, cut)
 
