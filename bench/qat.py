@@ -1,8 +1,10 @@
-"""QAT on the reference model: RTN, GPTQ, QLoRA-style, LR-QAT and L4Q at 4/3/2 bits (group 128), and the
-training-memory comparison L4Q vs LoRA vs full-weight LSQ QAT.
+"""QAT on the reference model: RTN, GPTQ, QLoRA-style, LR-QAT and L4Q at 4/3/2 bits (group 128 or
+`--group-size`), and the training-memory comparison L4Q vs LoRA vs full-weight LSQ QAT.
 
     python bench/qat.py --bits 3                 # one bit width (results merge into bench/results/qat.*)
     python bench/qat.py --bits 4 3 2 --steps 100
+    python bench/qat.py --bits 3 --group-size 64 --methods gptq l4q lr-qat --init-from gptq
+    python bench/qat.py --bits 3 --methods qlora --rank 2 --adapter-dtype int8   # bits matched to g64
     python bench/qat.py --memory                 # peak memory per method, each in a fresh process
 
 Every run is its own `lowbit quantize` / `lowbit finetune` process with one torch thread (OMP_NUM_THREADS=1:
@@ -71,10 +73,12 @@ def quality(a) -> None:
     for bits in a.bits:
         for method in a.methods:
             label = method if not a.init_from or method not in ("l4q", "lr-qat") else f"{method} ({a.init_from} init)"
+            if method == "qlora" and a.adapter_dtype != "fp16":
+                label += f" ({a.adapter_dtype} adapter)"
             if a.tag and method not in ("rtn", "gptq"):
                 label += f" {a.tag}"
             g = a.group_size
-            out = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-w{bits}g{g}"
+            out = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-w{bits}g{g}r{a.rank}"
             if method in ("rtn", "gptq"):
                 t = time.perf_counter()
                 _run([sys.executable, "-m", "lowbit.cli", "quantize", ref, "-o", str(out), "--method", method,
@@ -89,7 +93,7 @@ def quality(a) -> None:
                        "--seqlen", "256", "--loss", a.loss, "--eval-every", "0", "--checkpoint-every", "0",
                        "--threads", "1", "--overwrite", "--quiet"]
                 if method == "qlora":
-                    cmd += ["--init-from", "gptq"]
+                    cmd += ["--init-from", "gptq", "--adapter-dtype", a.adapter_dtype]
                 if a.init_from and method in ("l4q", "lr-qat"):
                     cmd += ["--init-from", a.init_from]
                 _run(cmd)
@@ -102,44 +106,57 @@ def quality(a) -> None:
             row.update(evaluate(out))
             print(row, flush=True)
             rows.append(row)
-            _save([row], a.order)
+            _save([row], a)
     print(results_table(rows, COLUMNS)[0])
 
 
-NOTE = "(note written at the end of the session)"
+NOTE = (
+    "Reference model (5.5M-parameter LLaMA). WikiText-2 test perplexity on the first 256 windows of 256 tokens; "
+    "KL(fp32 ‖ q) in nats/token on the first 64. All linears of the decoder blocks quantized with groups of "
+    "`group_size` input columns, asymmetric storage (n-bit codes + fp16 scale + packed n-bit zero per group: "
+    "bits/weight = n + (16 + n)/g); lm_head and embeddings in fp32. bits_per_weight counts everything stored, "
+    "adapters included. QAT runs: 100 steps of 4 × 256-token windows of C4 training documents (seed 0, the same "
+    "batches for every method), loss `kd` (KL to the fp32 model), AdamW, lr 2e-3 (adapters) and 1e-4 "
+    "(steps/offsets) unless the label says otherwise, 10% warm-up then cosine, grad clip 1, alpha/rank = 1/rank. "
+    "QLoRA-style = GPTQ g128 base + LoRA, exported as a LowRank term: fp16 factors, or '(int8 adapter)': the "
+    "trained factors rounded to int8 with one fp16 scale per row (8·r·(in+out) + 16·(in+r) bits). L4Q: "
+    "L4Q_init, learned step and integer-snapped offset per group. LR-QAT: min-max grid s₀/z₀, fp32 Φ₀, learned "
+    "s. '(gptq init)': the run starts exactly at the GPTQ model of the same bits and group size (L4Q: W₀ := "
+    "Ŵ_GPTQ with its grid; LR-QAT: Φ₀ := GPTQ's integer codes). A label ending in 'lr X' / 'lr-quant X' "
+    "changes only that learning rate; a rank other than 4 is in the rank column. GPTQ: 128 C4 "
+    "calibration windows of 256 tokens. Matched bits: compare g64 rows (3.297) with QLoRA-style r2 int8 "
+    "(3.288), g32 rows (3.594) with QLoRA-style r4 fp16 (3.533) and r8 int8 (3.577). train_seconds = "
+    "optimisation only (quantize seconds for PTQ), one torch thread, 2 CPU cores shared with up to 10 other "
+    "processes: timings are noisy and not comparable across rows. peak_memory_mb = VmHWM of the whole "
+    "process (model load included).")
 
 
-def _save(rows: list[dict], order: list[str]) -> None:
+# the settings NOTE describes; a run with others goes to qat_custom.* with its settings in the note
+NOTE_SETTINGS = {"steps": 100, "batch_size": 4, "loss": "kd", "ppl_windows": 256, "kl_windows": 64, "data": None}
+
+
+def _save(rows: list[dict], a) -> None:
     """Merge `rows` into bench/results/qat.{json,md} under a lock (several bench processes may finish at once).
     A row is keyed by (method label, bits, group size, rank, loss); the note is `NOTE`."""
+    order = a.order
+    differ = {k: getattr(a, k) for k, v in NOTE_SETTINGS.items() if getattr(a, k) != v}
+    stem, note = ("qat", NOTE) if not differ else ("qat_custom", f"{NOTE} NOT the settings of these rows: {differ}.")
     import fcntl
 
     from lowbit.eval.report import write_results
 
-    path = RESULTS / "qat.json"
-    with open(RESULTS / ".qat.lock", "w") as lock:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lock = os.open(RESULTS, os.O_RDONLY)  # flock on the directory: no lock file left in the tree
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         key = lambda r: (r["method"], r["bits"], r["group_size"], r.get("rank"), r.get("loss"))  # noqa: E731
+        path = RESULTS / f"{stem}.json"
         merged = _merge(path, rows, key)
         first = lambda r: order.index(r["method"].split()[0]) if r["method"].split()[0] in order else 99  # noqa: E731
         merged.sort(key=lambda r: (-r["bits"], -r["group_size"], first(r), r["method"]))
-        write_results(merged, RESULTS, "qat", COLUMNS, note=NOTE)
-
-
-def _note(a) -> str:
-    return (f"Reference model (5.5M-parameter LLaMA). WikiText-2 test perplexity on the first {a.ppl_windows} "
-            f"windows of 256 tokens; KL(fp32 ‖ q) in nats/token on the first {a.kl_windows}. All linears of the "
-            f"decoder blocks quantized, group 128, asymmetric storage (n-bit codes + fp16 scale + packed n-bit zero "
-            f"per group); lm_head and embeddings in fp32. QAT runs: {a.steps} steps of {a.batch_size} × 256-token "
-            f"windows of C4 training documents (seed 0, same batches for every method), loss `{a.loss}` "
-            f"({'KL to the fp32 model' if a.loss == 'kd' else 'next-token cross-entropy'}), AdamW, lr {a.lr} "
-            f"(adapters), {a.lr_quant} (steps/offsets), 10% warm-up then cosine, grad clip 1, rank {a.rank}, "
-            f"alpha/rank = 1/{a.rank}. QLoRA-style = GPTQ base + LoRA kept as a fp16 LowRank term (counted in "
-            f"bits/weight). L4Q: L4Q_init, learned step and integer-snapped offset per group. LR-QAT: min-max "
-            f"grid s₀/z₀, fp32 Φ₀, learned s. '(gptq init)': the run starts exactly at the GPTQ model (L4Q: "
-            f"W₀ := Ŵ_GPTQ with its grid; LR-QAT: Φ₀ := GPTQ's integer codes). GPTQ: 128 C4 calibration windows of 256 tokens. train_seconds = "
-            f"optimisation only (quantize seconds for PTQ), one torch thread, on 2 CPU cores shared with other "
-            f"jobs: timings are noisy. peak_memory_mb = VmHWM of the whole process (model load included).")
+        write_results(merged, RESULTS, stem, COLUMNS, note=note)
+    finally:
+        os.close(lock)  # releases the flock
 
 
 # ---- memory
@@ -245,6 +262,7 @@ if __name__ == "__main__":
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--adapter-dtype", default="fp16", choices=["fp16", "int8"], help="qlora: adapter storage.")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lr-quant", type=float, default=1e-4)
     ap.add_argument("--loss", default="kd", choices=["ce", "kd"])

@@ -234,6 +234,28 @@ def test_qlora_export_lowrank_counted_and_close():
     assert qw.bits_per_weight() == pytest.approx(base.bits_per_weight() + 16 * 4 * (64 + 32) / (64 * 32))
 
 
+def test_qlora_int8_adapter_export():
+    """int8 adapter: codes + fp16 per-row scales counted; the exported delta is the float64 adapter to
+    within int8 rounding (each element off by at most half a step of its row's scale)."""
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(11)) * 0.03
+    base = rtn_quantize(W, RTNConfig(bits=3, group_size=16))
+    layer = LoRALinear.on_quantized(base, None, rank=4, alpha=1.0, factor_kind="int8",
+                                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    qw = layer.export()
+    assert qw.lowrank.kind == "int8" and qw.lowrank.A.dtype == torch.int8
+    A, B = layer.A.detach().double().T, layer.scale * layer.B.detach().double().T  # [in, r], [r, out]
+    A8, B8 = qw.lowrank.factors()
+    assert float((A8.double() - A).abs().max()) <= float(A.abs().max()) / 127 / 2 * 1.01
+    delta = (A @ B).T
+    assert float((qw.lowrank.delta().double() - delta).norm() / delta.norm()) < 2e-2
+    extra = (8 * 4 * (64 + 32) + 16 * (64 + 4)) / (64 * 32)
+    assert qw.bits_per_weight() == pytest.approx(base.bits_per_weight() + extra)
+    with pytest.raises(ValueError, match="int8"):
+        LoRALinear.on_quantized(base, None, rank=4, alpha=1.0, factor_kind="int4")
+
+
 def test_bad_grid_settings_raise_lowbit_error():
     W = torch.randn(8, 48)
     with pytest.raises(LowbitError, match="does not divide"):

@@ -161,6 +161,7 @@ def test_chat_jsonl_qlora_and_cli(tiny_model_dir, tmp_path):
     (["--dataset", "text", "--data-file", "/nonexistent.txt"], "does not exist"),
     (["--seqlen", "4096"], "positions"),
     (["--batch-size", "3", "--micro-batch", "2"], "does not divide"),
+    (["--method", "qlora", "--adapter-dtype", "int4"], "adapter_dtype"),
 ])
 def test_bad_input_is_one_clean_line(tiny_model_dir, tmp_path, args, needle):
     out = tmp_path / "bad"

@@ -37,6 +37,7 @@ def finetune(
     base_dtype: str = typer.Option("fp32", help="l4q: storage of the frozen W0: fp32 | bf16 | fp16."),
     phi: str = typer.Option("fp32", help="lr-qat: storage of the frozen W0/s0: fp32 | bf16 | fp16 | fixed8 | int."),
     symmetric: bool = typer.Option(False, "--sym/--asym", help="lr-qat / qlora: symmetric grid."),
+    adapter_dtype: str = typer.Option("fp16", help="qlora: storage of the exported adapter: fp16 | int8 (per-row fp16 scales)."),
     nproc: int = typer.Option(1, help="Spawn N local data-parallel processes (or launch with torchrun)."),
     threads: Optional[int] = typer.Option(None, help="torch threads per process."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
@@ -65,7 +66,7 @@ def finetune(
     if method == "lr-qat":
         q.update(phi=phi, symmetric=symmetric)
     if method == "qlora":
-        q["symmetric"] = symmetric
+        q.update(symmetric=symmetric, adapter_dtype=adapter_dtype)
     if method == "lora":
         q = {"method": "lora", "rank": rank, "alpha": alpha}
     qcfg = parse_qat_config(q)

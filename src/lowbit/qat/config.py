@@ -73,11 +73,13 @@ class LRQATConfig(_QATBase):
 
 
 class QLoRAConfig(_QATBase):
-    """QLoRA-style baseline: LoRA beside a frozen PTQ weight; exported as grid + fp16 LowRank term."""
+    """QLoRA-style baseline: LoRA beside a frozen PTQ weight; exported as grid + fp16 (or int8) LowRank term."""
 
     method: Literal["qlora"] = "qlora"
     init_from: Literal["rtn", "gptq"] = "gptq"  # the PTQ base (L4Q's QLoRA* is GPTQ + LoRA)
     symmetric: bool = False
+    # storage of the exported adapter: fp16, or int8 codes + fp16 per-row scales (rounded after training)
+    adapter_dtype: Literal["fp16", "int8"] = "fp16"
 
 
 class LoRAConfig(_QATBase):

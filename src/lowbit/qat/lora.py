@@ -5,7 +5,10 @@
 The adapter stays *outside* the quantizer, so it cannot be merged into the integer grid without a new
 rounding (that is the point L4Q makes). The QLoRA-style result is therefore exported as the PTQ
 `QuantizedWeight` plus the adapter as its `LowRank` term, W ≈ Ŵ + (A'·B')ᵀ with A' = Aᵀ [in, r] and
-B' = (α/r)·Bᵀ [r, out], stored in fp16 and counted in bits per weight (16·r·(in + out)/(in·out)).
+B' = (α/r)·Bᵀ [r, out], stored in fp16 and counted in bits per weight (16·r·(in + out)/(in·out)), or,
+with `factor_kind="int8"`, rounded after training to int8 with one fp16 scale per row of A' and of B'
+(LowRank kind "int8", LQER's `quantize_factor`: 8·r·(in + out) + 16·(in + r) bits) — the cheaper adapter
+that lets the baseline meet a given bits-per-weight budget.
 In L4Q's tables "QLoRA*" is exactly this: GPTQ with uniform integers plus LoRA.
 
 The quantized base is dequantized once into a float buffer (the pure-torch path of `QuantLinear`), so on
@@ -27,10 +30,13 @@ from lowbit.formats.quantized_weight import LowRank, QuantizedWeight
 class LoRALinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, rank: int, alpha: float,
                  base: QuantizedWeight | None = None, factor_dtype: torch.dtype = torch.float16,
-                 generator: torch.Generator | None = None):
+                 factor_kind: str = "float", generator: torch.Generator | None = None):
         super().__init__()
         out_f, in_f = weight.shape
+        if factor_kind not in ("float", "int8"):
+            raise ValueError(f"unknown adapter storage {factor_kind!r}: float or int8")
         self.base, self.rank, self.scale, self.factor_dtype = base, rank, alpha / rank, factor_dtype
+        self.factor_kind = factor_kind
         self.register_buffer("weight", weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         A = torch.empty(rank, in_f, dtype=torch.float32)
@@ -53,11 +59,17 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def export(self, dtype: torch.dtype = torch.float32) -> QuantizedWeight:
-        """The PTQ base with the adapter as a fp16 LowRank term (needs a quantized base)."""
+        """The PTQ base with the adapter as a fp16 (or int8) LowRank term (needs a quantized base)."""
         if self.base is None:
             raise ValueError("plain LoRA has no quantized base to export; use merged_weight()")
-        lr = LowRank(self.A.T.to(self.factor_dtype).contiguous(),
-                     (self.scale * self.B.T).to(self.factor_dtype).contiguous())
+        A, B = self.A.T.contiguous(), (self.scale * self.B.T).contiguous()
+        if self.factor_kind == "int8":
+            from lowbit.methods.lqer import quantize_factor
+
+            (qA, sA), (qB, sB) = quantize_factor(A, "int8"), quantize_factor(B, "int8")
+            lr = LowRank(qA, qB, "int8", sA, sB)
+        else:
+            lr = LowRank(A.to(self.factor_dtype), B.to(self.factor_dtype))
         b = self.base
         qw = QuantizedWeight(b.shape, dtype, b.grid, b.codes, b.outliers, lr)
         qw.check()

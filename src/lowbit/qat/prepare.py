@@ -88,7 +88,8 @@ def make_layer(name: str, module: nn.Module, cfg, index: int, seed: int, ptq: Qu
         return LRQATLinear(phi0, s0, z0, bias, bits=bits, group_size=gs, symmetric=g.symmetric, rank=cfg.rank,
                            alpha=cfg.alpha, phi=cfg.phi, learn_scale=cfg.learn_scale, generator=gen)
     if isinstance(cfg, QLoRAConfig):
-        return LoRALinear.on_quantized(ptq, bias, rank=cfg.rank, alpha=cfg.alpha, generator=gen)
+        return LoRALinear.on_quantized(ptq, bias, rank=cfg.rank, alpha=cfg.alpha, generator=gen,
+                                       factor_kind="int8" if cfg.adapter_dtype == "int8" else "float")
     if isinstance(cfg, LoRAConfig):
         return LoRALinear(W, bias, rank=cfg.rank, alpha=cfg.alpha, generator=gen)
     raise LowbitError(f"unknown QAT config {type(cfg).__name__}")
