@@ -49,7 +49,7 @@ def n_groups(in_features: int, group_size: int) -> int:
     return in_features // group_size
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """View [rows, cols] as [rows, groups, g] (per tensor: [1, 1, rows·cols])."""
     rows, cols = w.shape
     if group_size == 0:
@@ -68,7 +68,7 @@ def affine_qparams(
     check_bits(bits)
     n_groups(w.shape[1], group_size)
     maxq = 2**bits - 1
-    wg = _grouped(w.float(), group_size)
+    wg = grouped(w.float(), group_size)
     xmin = wg.amin(dim=-1).clamp(max=0)
     xmax = wg.amax(dim=-1).clamp(min=0)
     if symmetric:

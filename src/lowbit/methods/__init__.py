@@ -11,7 +11,7 @@ from typing import Annotated, Callable
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, config_error
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods.claq import claq_quantize
 from lowbit.methods.config import ClaqConfig, GPTQConfig, MethodConfig, RTNConfig, SqueezeLLMConfig
@@ -91,6 +91,4 @@ def parse_method_config(d: dict | MethodConfig) -> MethodConfig:
     try:
         return _ADAPTER.validate_python(d)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise LowbitError(f"invalid quantization config{f' ({where})' if where else ''}: {err['msg']}") from None
+        raise config_error("quantization config", e) from None

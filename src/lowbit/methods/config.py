@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lowbit.formats.quant_primitives import SUPPORTED_BITS
+
+
+def _check_bits(v: int) -> int:
+    if v not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {v}: choose one of {SUPPORTED_BITS}")
+    return v
+
+
+def _check_group_size(v: int) -> int:
+    if v < -1:
+        raise ValueError(f"group size {v} is invalid: use -1 (per channel), 0 (per tensor) or > 0")
+    return v
+
+
+# Validated field types every weight-quantizing config (PTQ and QAT) shares.
+Bits = Annotated[int, AfterValidator(_check_bits)]
+GroupSize = Annotated[int, AfterValidator(_check_group_size)]  # −1 per channel, 0 per tensor, g > 0
 
 
 ScaleKind = Literal["none", "act-mean", "act-rms", "exact"]
@@ -62,25 +79,11 @@ class WeightQuantConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: int = 4
-    group_size: int = 128
+    bits: Bits = 4
+    group_size: GroupSize = 128
     symmetric: bool = False
     lqer: LQERConfig | None = None  # optional low-rank error correction on top of this grid
     act: ActQuantConfig | None = None  # optional activation fake quantization (None: weight-only)
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
-            raise ValueError(f"unsupported bit width {v}: choose one of {SUPPORTED_BITS}")
-        return v
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v < -1:
-            raise ValueError(f"group size {v} is invalid: use -1 (per channel), 0 (per tensor) or > 0")
-        return v
 
 
 class RTNConfig(WeightQuantConfig):

@@ -9,33 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from lowbit.errors import LowbitError
-from lowbit.formats.quant_primitives import SUPPORTED_BITS
+from lowbit.errors import LowbitError, config_error
+from lowbit.methods.config import Bits, GroupSize
 
 
 class _QATBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bits: int = 4
-    group_size: int = 128  # −1 per output channel, 0 per tensor, g > 0 groups of g input columns
+    bits: Bits = 4
+    group_size: GroupSize = 128  # −1 per output channel, 0 per tensor, g > 0 groups of g input columns
     rank: int = Field(4, ge=1)  # L4Q's default (App. D): rank barely matters above 4
     alpha: float = Field(1.0, gt=0)  # the adapter is scaled by alpha / rank
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
-            raise ValueError(f"unsupported bit width {v}: choose one of {SUPPORTED_BITS}")
-        return v
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v < -1:
-            raise ValueError(f"group size {v} is invalid: use -1 (per channel), 0 (per tensor) or > 0")
-        return v
 
 
 class L4QConfig(_QATBase):
@@ -126,18 +112,14 @@ def parse_qat_config(d: dict) -> BaseModel:
     try:
         return _ADAPTER.validate_python(d)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise LowbitError(f"invalid finetune settings{f' ({where})' if where else ''}: {err['msg']}") from None
+        raise config_error("finetune settings", e) from None
 
 
 def parse_train_config(d: dict) -> TrainConfig:
     try:
         cfg = TrainConfig.model_validate(d)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise LowbitError(f"invalid training settings{f' ({where})' if where else ''}: {err['msg']}") from None
+        raise config_error("training settings", e) from None
     if cfg.dataset in ("text", "jsonl"):
         if not cfg.data_path:
             raise LowbitError(f"dataset {cfg.dataset} needs a file (--data-file)")

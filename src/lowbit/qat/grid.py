@@ -26,20 +26,11 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.quant_primitives import SCALE_DTYPE, check_bits, expand_group_param, n_groups
+from lowbit.formats.quant_primitives import SCALE_DTYPE, check_bits, expand_group_param, grouped, n_groups
 from lowbit.formats.quantized_weight import QuantizedWeight, UniformGrid
 
 SCALE_MIN = 2.0**-24  # smallest fp16 subnormal, the floor affine_qparams uses too
 SCALE_MAX = 65504.0  # largest fp16
-
-
-def grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View [rows, cols] as [R, G, g] (per tensor: [1, 1, rows·cols]), the layout of a per-group parameter."""
-    rows, cols = t.shape
-    if group_size == 0:
-        return t.reshape(1, 1, rows * cols)
-    g = cols if group_size == -1 else group_size
-    return t.reshape(rows, cols // g, g)
 
 
 def group_sum(t: torch.Tensor, group_size: int) -> torch.Tensor:
