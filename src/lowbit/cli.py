@@ -13,12 +13,12 @@ from rich.console import Console
 
 from lowbit.errors import LowbitError
 
-app = typer.Typer(help="lowbit: make language models small (quantize, evaluate, build the reference model).",
+app = typer.Typer(help="lowbit: make language models small (quantize, low-rank correct, fine-tune, prune, evaluate, export).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 reference_app = typer.Typer(help="The small reference LLaMA model used by the demo, tests and benches.",
                             no_args_is_help=True)
 app.add_typer(reference_app, name="reference")
-plot_app = typer.Typer(help="Figures.", no_args_is_help=True)
+plot_app = typer.Typer(help="Figures: `plot spectrum` draws the singular values of the quantization error E and of S·E (LQER Fig. 1a).", no_args_is_help=True)
 app.add_typer(plot_app, name="plot")
 console = Console(stderr=True)
 
