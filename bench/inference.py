@@ -129,7 +129,7 @@ def model_bench(path: Path, repeats: int, new_tokens: int, rank: int = 32) -> li
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.io.native import _plain_state, save_quantized
+    from lowbit.io.native import plain_state, save_quantized
     from lowbit.kernels.dispatch import set_backend
     from lowbit.kernels.generate import generate, weight_bytes
     from lowbit.models.swap import swap_in
@@ -153,10 +153,10 @@ def model_bench(path: Path, repeats: int, new_tokens: int, rank: int = 32) -> li
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-inference-bench-"))
     models, disk = {}, {}
     m32 = fresh()
-    save_file({k: v.contiguous() for k, v in _plain_state(m32, set()).items()}, str(tmp / "fp32.safetensors"))
+    save_file({k: v.contiguous() for k, v in plain_state(m32, set()).items()}, str(tmp / "fp32.safetensors"))
     models["fp32"], disk["fp32"] = m32, (tmp / "fp32.safetensors").stat().st_size / 2**20
     mb = fresh(torch.bfloat16)
-    save_file({k: v.contiguous() for k, v in _plain_state(mb, set()).items()}, str(tmp / "bf16.safetensors"))
+    save_file({k: v.contiguous() for k, v in plain_state(mb, set()).items()}, str(tmp / "bf16.safetensors"))
     models["bf16"], disk["bf16"] = mb, (tmp / "bf16.safetensors").stat().st_size / 2**20
     c = m32.config
     gs = next(k for k in (128, 64, 32) if c.hidden_size % k == 0 and c.intermediate_size % k == 0)

@@ -180,12 +180,11 @@ def main() -> None:
         save()
     todo = [r for r in runs(a.part) if key(r) not in cache]
     if todo or (fp32_key() not in cache and a.part != "svd"):
-        from lowbit import data as datasets
         from lowbit.jobs import calibration_data, eval_job
         from lowbit.io.native import load_model
         from lowbit.methods import parse_method_config
         from lowbit.pipeline.calibrate import quantize_model
-        from lowbit.recipe import Recipe, make_recipe
+        from lowbit.recipe import make_recipe
         from lowbit.reference import reference_path
 
         torch.set_num_threads(1)

@@ -54,7 +54,7 @@ def quality(a) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from lowbit.eval.report import results_table, write_results
+    from lowbit.eval.report import results_table
     from lowbit.io.native import load_model
     from lowbit.jobs import eval_job
     from lowbit.reference import build_reference
@@ -80,7 +80,6 @@ def quality(a) -> None:
             g = a.group_size
             out = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-w{bits}g{g}r{a.rank}"
             if method in ("rtn", "gptq"):
-                t = time.perf_counter()
                 _run([sys.executable, "-m", "lowbit.cli", "quantize", ref, "-o", str(out), "--method", method,
                       "--bits", str(bits), "--group-size", str(g), "--overwrite", "--quiet"])
                 s = json.loads((out / "lowbit.json").read_text())["summary"]

@@ -13,7 +13,7 @@ from lowbit.formats.codebook import encode_codebook
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods import parse_method_config, quantize_weight
 from lowbit.methods.claq import claq_quantize, outlier_counts, tail_counts
-from lowbit.methods.config import ClaqConfig, GPTQConfig, LQERConfig, RTNConfig, SqueezeLLMConfig
+from lowbit.methods.config import ClaqConfig, GPTQConfig, RTNConfig, SqueezeLLMConfig
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.rtn import rtn_quantize
 from lowbit.methods.squeezellm import squeezellm_quantize

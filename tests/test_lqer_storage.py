@@ -9,7 +9,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods.config import ActQuantConfig, LQERConfig, RTNConfig
-from lowbit.methods.lqer import diagonal_scale, error_factors, factor_bits, lqer
+from lowbit.methods.lqer import diagonal_scale, factor_bits, lqer
 from lowbit.methods.rtn import rtn_quantize
 from lowbit.methods.stats import LayerStats, StatsAccumulator
 from lowbit.nn.act_quant import fake_quantize_act

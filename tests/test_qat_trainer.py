@@ -17,7 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.native import load_quantized
 from lowbit.methods.config import RTNConfig
 from lowbit.methods.rtn import rtn_quantize
-from lowbit.qat.config import L4QConfig, QLoRAConfig, TrainConfig
+from lowbit.qat.config import L4QConfig, TrainConfig
 from lowbit.qat.trainer import evaluate, train
 from lowbit.qat.data import load_windows
 

@@ -21,7 +21,7 @@ from lowbit.methods.config import RTNConfig
 from lowbit.methods.lqer import diagonal_scale
 from lowbit.methods.rtn import rtn_quantize
 from lowbit.methods.stats import StatsAccumulator
-from lowbit.models.adapters import get_adapter, is_quantizable, layer_weight
+from lowbit.models.adapters import get_adapter, layer_weight
 
 
 def selected_layers(model: nn.Module, pattern: str | None) -> list[str]:
@@ -74,7 +74,7 @@ def plot_spectra(spectra: dict, path: str | Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lowbit.io.atomic import _replace_from_tmp
+    from lowbit.io.atomic import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, (e, se)) in enumerate(spectra.items()):
@@ -93,5 +93,5 @@ def plot_spectra(spectra: dict, path: str | Path, title: str) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise LowbitError(f"output directory {path.parent} does not exist")
-    _replace_from_tmp(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
+    atomic_write_bytes(path, buf.getvalue())
     return path

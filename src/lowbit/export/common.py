@@ -37,11 +37,11 @@ class Source:
 
 
 def load_source(path: str | Path, eval_json: str | Path | None = None) -> Source:
-    from lowbit.io.native import _read_json, load_quantized
+    from lowbit.io.native import read_json, load_quantized
 
     path = Path(path)
     model, qweights, info = load_quantized(path)
-    config = _read_json(path / "config.json", "not a model directory")
+    config = read_json(path / "config.json", "not a model directory")
     config.pop("quantization_config", None)
     floats = [p for p in model.parameters() if p.is_floating_point()]
     dtype = max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
@@ -56,9 +56,9 @@ def load_source(path: str | Path, eval_json: str | Path | None = None) -> Source
     types = {n: type(skeleton.get_submodule(n)).__name__ for n in qweights}
     evaluation = None
     if eval_json is not None:
-        evaluation = _read_json(Path(eval_json), "evaluation JSON (from `lowbit eval --json`) not found")
+        evaluation = read_json(Path(eval_json), "evaluation JSON (from `lowbit eval --json`) not found")
     elif (path / "eval.json").is_file():
-        evaluation = _read_json(path / "eval.json", "")
+        evaluation = read_json(path / "eval.json", "")
     act = {n: m["act"] for n, m in info["quantization_config"]["layers"].items() if m.get("act") is not None}
     return Source(path, model, qweights, info["quantization_config"], info["provenance"], config, dtype,
                   types, evaluation, act)
@@ -74,9 +74,9 @@ def require_weight_only(src: Source, fmt: str) -> None:
 
 def plain_tensors(src: Source, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every non-quantized tensor under its HF name (tied ones once), floats cast to `dtype`."""
-    from lowbit.io.native import _plain_state
+    from lowbit.io.native import plain_state
 
-    out = _plain_state(src.model, set(src.qweights))
+    out = plain_state(src.model, set(src.qweights))
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
 
 
@@ -142,7 +142,7 @@ def write_output(out: Path, tensors: dict[str, torch.Tensor], config: dict | Non
     from safetensors.torch import save_file
 
     from lowbit.io.atomic import atomic_dir
-    from lowbit.io.native import _write_tokenizer
+    from lowbit.io.native import write_tokenizer
 
     out = Path(out)
     if out.resolve() == src.path.resolve() or src.path.resolve().is_relative_to(out.resolve()):
@@ -153,7 +153,7 @@ def write_output(out: Path, tensors: dict[str, torch.Tensor], config: dict | Non
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         if tokenizer:
-            _write_tokenizer(src.path, tmp)
+            write_tokenizer(src.path, tmp)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
         for d, fn in (subdirs or {}).items():

@@ -129,7 +129,7 @@ def export_gguf(src: Source, out: Path, *, tensor_type: str | None = None, overw
     import gguf
 
     from lowbit.io.atomic import atomic_dir
-    from lowbit.io.native import _write_tokenizer
+    from lowbit.io.native import write_tokenizer
 
     if tensor_type is not None and tensor_type not in GGUF_TYPES:
         raise LowbitError(f"unknown GGUF type {tensor_type!r}: lowbit writes {', '.join(GGUF_TYPES)} "
@@ -213,6 +213,6 @@ def export_gguf(src: Source, out: Path, *, tensor_type: str | None = None, overw
         raise LowbitError(f"output directory {out} is the input; choose another one")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write(tmp / "model.gguf")
-        _write_tokenizer(src.path, tmp)
+        write_tokenizer(src.path, tmp)
         (tmp / "README.md").write_text(card)
     return out

@@ -75,6 +75,11 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     _replace_from_tmp(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file and an atomic rename."""
+    _replace_from_tmp(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str,
                             metadata: dict[str, str] | None = None) -> None:
     """`safetensors.torch.save_file` via a temporary file and an atomic rename."""

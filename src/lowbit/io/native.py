@@ -36,7 +36,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 # ---------------------------------------------------------------------------------------------- save
 
-def _plain_state(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
+def plain_state(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
     """The state_dict minus quantized weights, each tied tensor once, no two tensors sharing memory."""
     owner = {n: id(t) for n, t in (*model.named_parameters(remove_duplicate=False),
                                    *model.named_buffers(remove_duplicate=False))}
@@ -83,7 +83,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_tokenizer(tokenizer, out: Path) -> None:
+def write_tokenizer(tokenizer, out: Path) -> None:
     if isinstance(tokenizer, (str, Path)):
         src = Path(tokenizer)
         for pattern in TOKENIZER_FILES:
@@ -122,7 +122,7 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
             model.get_submodule(name)
         except AttributeError as e:
             raise LowbitError(f"quantized layer {name} is not a module of the model") from e
-    tensors = _plain_state(model, set(qweights))
+    tensors = plain_state(model, set(qweights))
     for name, q in qweights.items():
         for key, t in q.to_state()[0].items():
             full = f"{name}.{key}"
@@ -141,7 +141,7 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
-        _write_tokenizer(tokenizer, tmp)
+        write_tokenizer(tokenizer, tmp)
         info = {"lowbit_version": lowbit.__version__, "format_version": FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": recipe, **(extra or {}),
                 "sha256": {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
@@ -151,7 +151,7 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
 
 # ---------------------------------------------------------------------------------------------- load
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise LowbitError(f"{path} not found: {what}")
     try:
@@ -164,7 +164,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _quantization_config(path: Path) -> dict:
-    qc = _read_json(path / CONFIG, "not a model directory").get("quantization_config")
+    qc = read_json(path / CONFIG, "not a model directory").get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "lowbit":
         raise LowbitError(f"{path} is not a lowbit output (config.json has no lowbit quantization_config)")
     if qc.get("format_version", 0) > FORMAT_VERSION or not isinstance(qc.get("layers"), dict):
@@ -302,7 +302,7 @@ def load_quantized(path: str | Path, *, trust_remote_code: bool = False, dtype: 
     if not path.is_dir():
         raise LowbitError(f"{path} is not a directory")
     qc = _quantization_config(path)
-    provenance = _read_json(path / INFO, "") if (path / INFO).exists() else {}
+    provenance = read_json(path / INFO, "") if (path / INFO).exists() else {}
     if verify:
         _verify(path, provenance)
     tensors = _read_tensors(path)
@@ -328,7 +328,7 @@ def _has_tokenizer(path: Path) -> bool:
     return any(next(path.glob(p), None) for p in ("tokenizer*", "vocab.*", "spiece.model"))
 
 
-def _load_tokenizer(source: str, trust_remote_code: bool):
+def load_tokenizer(source: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
@@ -351,7 +351,7 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
             raise LowbitError(f"{p} is a file, not a model directory")
         if not (p / CONFIG).is_file():
             raise LowbitError(f"{p} is not a model directory (no config.json)")
-        tokenizer = _load_tokenizer(str(p), trust_remote_code) if _has_tokenizer(p) else None
+        tokenizer = load_tokenizer(str(p), trust_remote_code) if _has_tokenizer(p) else None
         if is_quantized_dir(p):
             return load_quantized(p, trust_remote_code=trust_remote_code, dtype=dtype)[0], tokenizer
         source = str(p)
@@ -369,6 +369,6 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
     except (ValueError, KeyError) as e:
         raise LowbitError(f"cannot load model {source}: {e}") from e
     if tokenizer is None and not p.exists():
-        tokenizer = _load_tokenizer(source, trust_remote_code)
+        tokenizer = load_tokenizer(source, trust_remote_code)
     model.eval()
     return model, tokenizer

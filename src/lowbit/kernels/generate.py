@@ -59,7 +59,7 @@ def _next_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torch
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
              top_k: int = 0, seed: int = 0, stream=None) -> dict:
     """Generate after `prompt`; `stream(text)` receives each new piece of text. Returns text and timings."""
-    from lowbit.pipeline.calibrate import _peak_memory_mb
+    from lowbit.progress import peak_memory_mb
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
@@ -92,13 +92,13 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
             "new_tokens": len(new), "prefill_s": t_prefill,
             "prefill_tokens_per_s": ids.shape[1] / t_prefill if t_prefill > 0 else float("nan"),
             "decode_tokens_per_s": n_decode / t_decode if n_decode and t_decode > 0 else float("nan"),
-            "peak_memory_mb": _peak_memory_mb(), "weights_mb": {k: v / 2**20 for k, v in weight_bytes(model).items()}}
+            "peak_memory_mb": peak_memory_mb(), "weights_mb": {k: v / 2**20 for k, v in weight_bytes(model).items()}}
 
 
 def load_for_inference(path: str | Path, backend: str = "auto", dtype: str | None = None):
     """(model, tokenizer, layer counts by kernel) from a native lowbit output."""
     from lowbit.export.common import DTYPES
-    from lowbit.io.native import _load_tokenizer, load_quantized
+    from lowbit.io.native import load_tokenizer, load_quantized
     from lowbit.kernels.dispatch import BACKENDS, set_backend
 
     if backend not in BACKENDS:
@@ -109,4 +109,4 @@ def load_for_inference(path: str | Path, backend: str = "auto", dtype: str | Non
     model, _, _ = load_quantized(path, dtype=DTYPES[dtype])
     model.to(DTYPES[dtype])  # QuantLinear biases too
     counts = set_backend(model, backend)
-    return model, _load_tokenizer(str(path), False), counts
+    return model, load_tokenizer(str(path), False), counts

@@ -34,6 +34,7 @@ from torch import nn
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.progress import OptionalProgress, peak_memory_mb
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods import MethodConfig, StatsAccumulator, needs_calibration, quantize_weight
 from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
@@ -124,47 +125,17 @@ def _relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float
     return float((num / den).clamp_min(0).sqrt()) if den > 0 else None
 
 
-def _peak_memory_mb() -> float:
-    """This process's peak resident memory. On Linux VmHWM, because ru_maxrss survives exec and would
-    report the parent's peak for a `lowbit quantize` started from a bigger process."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    except OSError:
-        pass
-    try:
-        import resource
-        import sys
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-    except ImportError:  # Windows
-        import psutil
-
-        return psutil.Process().memory_info().peak_wset / 2**20
-
-
-class _Bars:
+class _Bars(OptionalProgress):
     """rich bars over blocks and over the layers of the current block; no-ops when disabled."""
 
     def __init__(self, enabled: bool, n_blocks: int):
-        self.p = None
+        super().__init__()
         if enabled:
             from rich.progress import Progress
 
             self.p = Progress()
             self.blocks = self.p.add_task("blocks", total=n_blocks)
             self.layers = self.p.add_task("layers", total=0)
-
-    def __enter__(self):
-        if self.p:
-            self.p.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.p:
-            self.p.stop()
 
     def block(self, name: str, n_layers: int) -> None:
         if self.p:
@@ -365,7 +336,7 @@ def quantize_model(
                     model.get_submodule(name).act = cfg.act
     finally:
         model.train(training)
-    return QuantizeResult(qweights, records, time.perf_counter() - t_start, _peak_memory_mb(),
+    return QuantizeResult(qweights, records, time.perf_counter() - t_start, peak_memory_mb(),
                           resumed_blocks=ckpt.resumed if ckpt else 0)
 
 

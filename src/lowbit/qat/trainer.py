@@ -27,23 +27,11 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.qat import checkpoint as ckpt
+from lowbit.progress import OptionalProgress, peak_memory_mb
 from lowbit.qat import distributed as dd
-from lowbit.qat.config import LoRAConfig, TrainConfig
+from lowbit.qat.config import TrainConfig
 from lowbit.qat.data import Windows, batch_indices, load_windows, target_count
 from lowbit.qat.prepare import needs_ptq, prepare_model, ptq_weights, trainable
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory (VmHWM; psutil's RSS where /proc is missing)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    except OSError:
-        pass
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -92,34 +80,25 @@ def evaluate(model: nn.Module, w: Windows, loss: str, teacher: nn.Module | None,
     return out
 
 
-class _Progress:
+class _Progress(OptionalProgress):
     """rich bar: step, loss, held-out loss, tokens/s, elapsed, ETA. No-op when disabled."""
 
     def __init__(self, enabled: bool, total: int, done: int):
-        self.bar = None
+        super().__init__()
         if enabled:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
-            self.bar = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(),
+            self.p = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("eval {task.fields[ev]}"),
                                 TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(),
                                 TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
-            self.task = self.bar.add_task("train", total=total, completed=done, loss=float("nan"), ev="—", tps=0.0)
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
+            self.task = self.p.add_task("train", total=total, completed=done, loss=float("nan"), ev="—", tps=0.0)
 
     def update(self, **fields):
-        if self.bar:
-            self.bar.update(self.task, advance=1, **fields)
+        if self.p:
+            self.p.update(self.task, advance=1, **fields)
 
 
 def _fingerprint(qcfg, tcfg: TrainConfig, model: nn.Module, windows: Windows, world: dd.World) -> dict:
