@@ -69,6 +69,13 @@ RUNS: dict[str, list[str]] = {
     "gptq-w2-g64": ["--method", "gptq", "--bits", "2", "--group-size", "64"],
     "gptq-w2-g32": ["--method", "gptq", "--bits", "2", "--group-size", "32"],
     "gptq-w2-g16": ["--method", "gptq", "--bits", "2", "--group-size", "16"],
+    # extensions beyond the paper (issue 4): one fp16 scale per output row, cheaper packed codebook entries
+    "claq-w3-cb8-rms": ["--method", "claq", "--bits", "3", "--codebook-bits", "8", "--claq-row-scale", "rms"],
+    "claq-w3-cb6": ["--method", "claq", "--bits", "3", "--codebook-bits", "6"],
+    "claq-ap2.1-cb8-rms": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.1", "--codebook-bits", "8",
+                           "--claq-row-scale", "rms"],
+    "claq-ap2.05-cb8-rms": ["--method", "claq", "--bits", "2", "--claq-target-bits", "2.05", "--codebook-bits", "8",
+                            "--claq-row-scale", "rms"],
 }
 
 COLUMNS = ["run", "bits_per_weight", "code_bits", "meta_bits", "outlier_bits", "ppl", "kl", "top1_agreement",

@@ -84,7 +84,10 @@ def test_outliers_kept_bit_exact_and_counted(ap_or):
     deq = qw.dequantize()
     assert torch.equal(deq.view(-1)[qw.outliers.index.long()], qw.outliers.values.float())
     st = qw.storage()
-    assert st["outlier_values"] == 16 * int(out.sum()) and st["outlier_index"] == 32 * int(out.sum())
+    # positions: a ⌈log2 COLS⌉-bit column index per entry + per-row counts of bit_length(max count) bits
+    n, cb, kb = int(out.sum()), (COLS - 1).bit_length(), int(out.sum(1).max()).bit_length()
+    pos = sum(-(-n * w // 32) * 32 for w in (8, cb - 8)) if cb > 8 else -(-n * cb // 32) * 32
+    assert st["outlier_values"] == 16 * n and st["outlier_index"] == pos + -(-ROWS * kb // 32) * 32
 
 
 def test_outliers_without_feedback_are_the_signed_tails_of_w():

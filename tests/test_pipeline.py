@@ -319,7 +319,7 @@ def test_bf16_model_is_calibrated_in_float32():
 def test_method_registry():
     assert parse_method_config({"method": "gptq", "bits": 3}) == GPTQConfig(bits=3)
     assert isinstance(parse_method_config({"method": "rtn", "format": "mxint"}), RTNConfig)
-    for bad in ({"bits": 4}, {"method": "awq"}, {"method": "rtn", "bits": 9}, {"method": "rtn", "nope": 1}):
+    for bad in ({"bits": 4}, {"method": "no-such-method"}, {"method": "rtn", "bits": 9}, {"method": "rtn", "nope": 1}):
         with pytest.raises(LowbitError, match="invalid quantization config"):
             parse_method_config(bad)
     assert needs_calibration(GPTQ4) and not needs_calibration(RTN4)

@@ -106,9 +106,12 @@ def test_outliers_and_lowrank_storage_and_semantics():
     base = rtn_quantize(_w(128, 256), RTNConfig(bits=4, group_size=128, symmetric=True))
     qw = _with_extras(base)
     st = qw.storage()
-    assert st["outlier_values"] == 37 * 16 and st["outlier_index"] == 37 * 32
+    # positions: 37 column indices of 8 bits (10 words) + 128 per-row counts of bit_length(max count) bits
+    kb = int(torch.bincount(qw.outliers.index.long() // 256).max()).bit_length()
+    pos = 10 * 32 + -(-128 * kb // 32) * 32
+    assert st["outlier_values"] == 37 * 16 and st["outlier_index"] == pos
     assert st["lowrank"] == 8 * (256 + 128) * 16
-    expect_bits = 128 * 256 * 4 + 128 * 2 * 16 + 37 * 48 + 8 * 384 * 16
+    expect_bits = 128 * 256 * 4 + 128 * 2 * 16 + 37 * 16 + pos + 8 * 384 * 16
     assert qw.bits_per_weight() == expect_bits / (128 * 256)
     # dequantize: grid value, outliers replace, then + (A·B)ᵀ
     ref = base.dequantize().clone()
@@ -245,7 +248,9 @@ def test_corrupt_meta_or_missing_tensor_raises(corrupt):
         ("mxint4", lambda t, m: t.__setitem__("grid.exponent", t["grid.exponent"][:, :-1].contiguous())),
         ("mxint4", lambda t, m: m["grid"].__setitem__("block_size", 32)),
         ("extras-uniform", lambda t, m: t.__setitem__("lowrank.B", t["lowrank.B"][:, :-1].contiguous())),
-        ("extras-uniform", lambda t, m: t.__setitem__("outliers.index", t["outliers.index"] + 96 * 256)),
+        ("extras-uniform", lambda t, m: m["outliers"].__setitem__("n", m["outliers"]["n"] + 1)),
+        ("extras-uniform", lambda t, m: t.__setitem__("outliers.row_counts.0", t["outliers.row_counts.0"] * 0)),
+        ("extras-uniform", lambda t, m: t.__setitem__("outliers.cols.0", t["outliers.cols.0"][:-1].contiguous())),
         ("extras-uniform", lambda t, m: t.__setitem__("outliers.values", t["outliers.values"][:-1].contiguous())),
     ],
 )

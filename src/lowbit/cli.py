@@ -44,7 +44,7 @@ def clean_errors(fn):
 def quantize(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: Optional[str] = typer.Option(None, help="rtn | gptq | claq | squeezellm (default gptq, or the recipe's)."),
+    method: Optional[str] = typer.Option(None, help="rtn | gptq | claq | squeezellm | hqq | awq (default gptq, or the recipe's)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits: 2-8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128)."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (default asymmetric)."),
@@ -52,6 +52,7 @@ def quantize(
     static_groups: Optional[bool] = typer.Option(None, "--static-groups/--dynamic-groups", help="GPTQ: group params from the original W, so act-order needs no g_idx (default static; dynamic stores g_idx, 32 bits per input column)."),
     damp_percent: Optional[float] = typer.Option(None, help="GPTQ dampening as a fraction of mean diag(H) (default 0.01)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="RTN: int | mxint (default int)."),
+    outliers: Optional[float] = typer.Option(None, "--outliers", help="Outlier reservation for uniform grids (rtn, gptq): this fraction of each layer's entries (0 ≤ f < 0.5, e.g. 0.005) is kept exactly in fp16, chosen per group by |w − mean|/std and left out of the grid fit; values and positions are counted in bits (CLAQ: --claq-outliers)."),
     lqer_rank: Optional[int] = typer.Option(None, help="Add LQER low-rank error correction of this rank (factors counted in bits per weight)."),
     lqer_scale: Optional[str] = typer.Option(None, help="LQER scale: none (plain LQER) | act-mean (L²QER, default) | act-rms | exact (R_xx^½)."),
     lqer_factors: Optional[str] = typer.Option(None, help="LQER factor storage: fp16 (default) | bf16 | fp32 | int8 | mxint8."),
@@ -59,10 +60,12 @@ def quantize(
     lqer_bits: Optional[float] = typer.Option(None, help="LQER per-layer rank: the largest keeping bits per weight (factors included) within this budget."),
     act_bits: Optional[int] = typer.Option(None, help="Fake-quantize activations (W4A8: 8): per-token MXINT, block 16, of every quantized linear's input and low-rank intermediates (default: weight-only)."),
     claq_target_bits: Optional[float] = typer.Option(None, help="CLAQ adaptive precision: mean code bits T; a share (T − bits)/(4 − bits) of the columns, by Outlier Order, gets 4 bits."),
-    claq_outliers: Optional[str] = typer.Option(None, help="CLAQ outlier reservation: none (default) | dynamic (1.4%/0.4% per tail) | a fraction per tail (fp16 values + int32 positions, counted in bits)."),
-    codebook_bits: Optional[int] = typer.Option(None, help="CLAQ/SqueezeLLM codebook entries: 16 (fp16, default) | 8 (uint8 on a per-vector affine grid)."),
+    claq_outliers: Optional[str] = typer.Option(None, help="CLAQ outlier reservation: none (default) | dynamic (1.4%/0.4% per tail) | a fraction per tail (fp16 values + positions, counted in bits)."),
+    codebook_bits: Optional[int] = typer.Option(None, help="CLAQ/SqueezeLLM codebook entries: 16 (fp16, default) | 8 (uint8 on a per-vector affine grid); CLAQ also 5-7 (packed)."),
+    claq_row_scale: Optional[str] = typer.Option(None, help="CLAQ extension: none (default, the paper's) | rms | absmax: one fp16 scale per output row, codebooks of the row-normalized weight."),
     claq_fit: Optional[str] = typer.Option(None, help="CLAQ codebook fit: column (refit on each updated column, the paper's; default) | block (one batch per 128-column block, ~10x faster)."),
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags given explicitly override it."),
+    budget_bits: Optional[float] = typer.Option(None, help="Budgeted allocation: choose per layer bits, group size, LQER rank (and outlier fraction) from the recipe's `budget` grid (default bits 2/3/4, groups pc/128/64/32, ranks 0/8/16/32) minimising the summed measured per-layer KL, average bits/weight (all metadata) ≤ this. Writes OUT/plan.yaml, a recipe that reproduces the result."),
     calib_dataset: Optional[str] = typer.Option(None, help="c4 | wikitext2-valid | text (default c4, documents never used to train the reference model)."),
     calib_file: Optional[Path] = typer.Option(None, help="Text file for --calib-dataset text."),
     calib_samples: Optional[int] = typer.Option(None, help="Calibration windows (default 128)."),
@@ -82,7 +85,12 @@ def quantize(
                                    act_order=act_order, static_groups=static_groups,
                                    damp_percent=damp_percent, format=fmt, target_bits=claq_target_bits,
                                    outliers=claq_outliers, codebook_bits=codebook_bits,
-                                   fit=claq_fit).items() if v is not None}
+                                   fit=claq_fit, row_scale=claq_row_scale).items() if v is not None}
+    if outliers is not None:
+        if q.get("method", base.quant.method) == "claq":
+            raise LowbitError("CLAQ has its own outlier reservation (a fraction per tail of each column): "
+                              "use --claq-outliers")
+        q["outliers"] = outliers
     if q.get("method", base.quant.method) in ("claq", "squeezellm") and group_size is None:
         q["group_size"] = -1  # one codebook per column / row: a recipe's group size does not carry over
     lq = {k: v for k, v in dict(rank=lqer_rank, scale=lqer_scale, factor_dtype=lqer_factors,
@@ -99,6 +107,11 @@ def quantize(
     c = {k: v for k, v in dict(dataset=calib_dataset, path=str(calib_file) if calib_file else None,
                                    n_samples=calib_samples, seqlen=calib_seqlen, seed=seed).items() if v is not None}
     r = merge(base, q, c)
+    if budget_bits is not None:
+        from lowbit.recipe import make_recipe
+
+        b = r.budget.model_dump() if r.budget is not None else {}
+        r = make_recipe({**r.model_dump(), "budget": {**b, "bits_per_weight": budget_bits}}, source="settings")
     summary = quantize_job(model, out, r, data=data, overwrite=overwrite, progress=not quiet,
                            trust_remote_code=trust_remote_code)
     console.print(f"[green]saved[/green] {out}: {summary['method']} {summary['bits_per_weight']:.3f} bits/weight "
@@ -136,6 +149,48 @@ def eval_cmd(
     if "kl" in res:
         line += f"; KL(base‖model) {res['kl']:.5f} nats/token on {res['kl_windows']} windows, top-1 agreement {res['top1_agreement']:.3f}"
     print(line)
+
+
+from lowbit.cli_options import GreedyListCommand, command_line  # noqa: E402  (typer-only)
+
+
+@app.command("compare", cls=GreedyListCommand)
+@clean_errors
+def compare_cmd(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="HF model directory (unquantized)."),
+    recipes: Optional[list[Path]] = typer.Option(None, "--recipes", "-r", help="Recipe YAML files, space-separated after one --recipes (or the flag repeated); each run is named after its file stem."),
+    out: Path = typer.Option(..., "-o", "--out", help="Report directory: report.md, report.html, pareto.png, runs/NAME.json."),
+    calib_samples: Optional[int] = typer.Option(None, help="Calibration windows for every recipe (default: each recipe's own)."),
+    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window for every recipe (default: each recipe's own)."),
+    seed: Optional[int] = typer.Option(None, help="Calibration sampling seed for every recipe (default: each recipe's own)."),
+    seqlen: Optional[int] = typer.Option(None, help="Evaluation context length (default min(2048, model max positions))."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N WikiText-2 test windows."),
+    kl_windows: int = typer.Option(128, help="Windows used for the KL divergence."),
+    batch_size: int = typer.Option(8),
+    keep_models: bool = typer.Option(False, help="Also save each quantized model to REPORT_DIR/runs/NAME/."),
+    budgets: Optional[list[float]] = typer.Option(None, "--budgets", help="Budgeted plans to add, bits/weight each (e.g. --budgets 3.0 2.5): runs named budget-3.0, ..., planned by the allocator over --budget-recipe's grid; one sensitivity measurement serves every budget."),
+    budget_recipe: Optional[Path] = typer.Option(None, help="Recipe whose `quant` and `budget` sections (base method, option grid) the --budgets runs use (default: GPTQ with the default grid)."),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """Quantize MODEL with every recipe, evaluate all on the same WikiText-2 windows against the fp model,
+    and write a table and Pareto plot (KL and perplexity vs bits/weight). Finished runs are reused when
+    the command is run again; changed recipes rerun."""
+    from lowbit.compare import EvalSettings, budget_recipes, override_calibration, recipe_files, run_compare, unique_names
+    from lowbit.recipe import load_recipe
+
+    named = recipe_files(recipes) if recipes or not budgets else []
+    if budgets:
+        named = unique_names(named + budget_recipes(budgets, load_recipe(budget_recipe) if budget_recipe else None))
+    named = override_calibration(named, calib_samples, calib_seqlen, seed)
+    res = run_compare(model, named, out, EvalSettings(seqlen, max_windows, kl_windows, batch_size), data=data,
+                      keep_models=keep_models, progress=not quiet, command=command_line(ctx),
+                      on_run=lambda r: console.print(
+                          f"{r['name']}: {r['bits_per_weight']:.3f} bits/weight, ppl {r['ppl']:.3f}, KL {r['kl']:.5f}"
+                          + (" (saved run reused)" if r["resumed"] else f" ({r['quantize_seconds']:.1f} s + {r['eval_seconds']:.1f} s)"), soft_wrap=True))
+    print(res["paths"]["md"].read_text().split("\n![")[0])  # the command and the table
+    print(f"wrote {res['paths']['md']}, {res['paths']['html']}, {res['paths']['png']}")
 
 
 @plot_app.command("spectrum")

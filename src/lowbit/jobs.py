@@ -15,6 +15,7 @@ import torch
 
 from lowbit import data as datasets
 from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_write_text
 from lowbit.recipe import Recipe
 
 
@@ -41,6 +42,7 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     """Load, calibrate, quantize block by block, save atomically. Returns a summary dict."""
     from lowbit.io.native import load_model, save_quantized
     from lowbit.methods import needs_calibration
+    from lowbit.pipeline import stages
     from lowbit.pipeline.calibrate import quantize_model
 
     out = Path(out)
@@ -49,18 +51,30 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     model, tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
     if getattr(model, "_lowbit_quantized", False):
         raise LowbitError(f"{model_path} is already quantized by lowbit; quantize the original model")
-    calib = calibration_data(recipe, tokenizer, model, data) if needs_calibration(recipe.quant) else None
+    needs = needs_calibration(recipe.quant) or recipe.budget is not None or recipe.finetune is not None \
+        or (recipe.prune is not None and recipe.prune.data_light)
+    calib = calibration_data(recipe, tokenizer, model, data) if needs else None
     ckpt = checkpoint_dir_for(out)
     t0 = time.perf_counter()
+    # composed stages (lowbit.pipeline.stages): prune in memory, then quantize, then fine-tune
+    teacher = stages.keep_teacher(model, recipe.finetune)
+    pruned = (stages.prune_stage(model, recipe.prune, calib, getattr(recipe.quant, "group_size", None))
+              if recipe.prune is not None else None)
+    recipe, plan_files = _budget_plan(model, recipe, calib, out, progress)
     result = quantize_model(
         model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
         overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
         checkpoint_dir=ckpt, progress=progress,
     )
+    tuned = None
+    if recipe.finetune is not None:
+        result.qweights, tuned = stages.finetune_stage(model, teacher, result.qweights, recipe.finetune, calib)
     seconds = time.perf_counter() - t0
     summary = {
         "method": recipe.quant.method,
-        "bits_per_weight": result.bits_per_weight,
+        # over the ORIGINAL element count (a pruned channel stores nothing); bits_per_stored_weight: kept ones
+        **{k: v for k, v in stages.bit_counts(result.qweights, pruned and pruned["original_shapes"]).items()
+           if k.startswith("bits_per")},
         "quantize_seconds": seconds,
         "peak_memory_mb": result.peak_memory_mb,
         "n_layers": len(result.qweights),
@@ -69,26 +83,57 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     save_quantized(
         model, result.qweights, out, tokenizer=tokenizer, recipe=recipe.model_dump(mode="json"),
         extra={"source_model": str(model_path), "summary": summary,
-               "layers": [r.as_dict() for r in result.records]},
+               "layers": [r.as_dict() for r in result.records],
+               **({"prune": pruned} if pruned else {}), **({"finetune": tuned} if tuned else {})},
         overwrite=overwrite,
     )
+    for name, text in plan_files.items():
+        atomic_write_text(out / name, text)
     shutil.rmtree(ckpt, ignore_errors=True)
     return summary
 
 
+def _budget_plan(model, recipe: Recipe, calib, out: Path, progress: bool) -> tuple[Recipe, dict[str, str]]:
+    """With a budget: measure, solve, and return the plan recipe (what the pipeline then runs and what is
+    saved) plus the files that document it (plan.yaml reproduces the run; sensitivity.json the tables)."""
+    if recipe.budget is None:
+        return recipe, {}
+    import json
+
+    from lowbit.allocate.job import run_budget
+    from lowbit.allocate.plan import plan_yaml
+
+    from lowbit.reference import cache_root
+
+    plan, planned, sens = run_budget(model, recipe, calib, cache=cache_root() / "sensitivity", progress=progress)
+    return planned, {"plan.yaml": plan_yaml(plan, recipe),
+                     "sensitivity.json": json.dumps(sens.to_json() | {"plan": plan.choice,
+                                                                     "predicted_kl": plan.predicted_kl})}
+
+
+def wikitext2_windows(tokenizer, model, seqlen: int | None = None, max_windows: int | None = None,
+                      data: str | None = None) -> torch.Tensor:
+    """The WikiText-2 test windows `eval_job` evaluates: [n, seqlen] tokens, seqlen defaulting to
+    min(2048, the model's max positions)."""
+    seqlen = seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    return datasets.eval_windows(tokenizer, datasets.wikitext2_test_text(data), seqlen, max_windows)
+
+
 def eval_job(model_path: str, *, base: str | None = None, seqlen: int | None = None,
              max_windows: int | None = None, kl_windows: int | None = 128, data: str | None = None,
-             batch_size: int = 8, progress: bool = True, model=None, tokenizer=None, base_model=None) -> dict:
+             batch_size: int = 8, progress: bool = True, model=None, tokenizer=None, base_model=None,
+             windows: torch.Tensor | None = None) -> dict:
     """WikiText-2 test perplexity (GPTQ protocol) and, with a base model, KL(base ‖ model) on the first
-    `kl_windows` windows. Pre-loaded models may be passed to avoid reloading."""
+    `kl_windows` windows. Pre-loaded models, and the test `windows` already tokenized (`wikitext2_windows`),
+    may be passed to avoid reloading."""
     from lowbit.eval.kl import kl_divergence
     from lowbit.eval.perplexity import perplexity
     from lowbit.io.native import load_model
 
     if model is None:
         model, tokenizer = load_model(model_path)
-    seqlen = seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    windows = datasets.eval_windows(tokenizer, datasets.wikitext2_test_text(data), seqlen, max_windows)
+    if windows is None:
+        windows = wikitext2_windows(tokenizer, model, seqlen, max_windows, data)
     ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
     res = {"ppl": ppl.ppl, "seqlen": ppl.seqlen, "n_windows": ppl.n_windows, "n_tokens": ppl.n_tokens,
            "tokenizer": getattr(tokenizer, "name_or_path", "?")}

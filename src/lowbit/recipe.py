@@ -19,9 +19,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lowbit.allocate.config import BudgetConfig
 from lowbit.errors import LowbitError
 from lowbit.methods import MethodConfigField
 from lowbit.methods.config import GPTQConfig
+from lowbit.pipeline.stages import FinetuneStageConfig
+from lowbit.prune.config import PruneConfig
 
 
 class CalibrationConfig(BaseModel):
@@ -60,6 +63,10 @@ class Recipe(BaseModel):
     include: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=list)
     overrides: list[Override] = Field(default_factory=list)
+    budget: BudgetConfig | None = None  # budgeted per-layer allocation (lowbit.allocate); None: as written
+    # model-level stages around the quantizer (lowbit.pipeline.stages): UDFC pruning before it, fine-tuning after
+    prune: PruneConfig | None = None
+    finetune: FinetuneStageConfig | None = None
 
     @field_validator("include", "ignore")
     @classmethod

@@ -188,14 +188,15 @@ def perplexity(model: LlamaForCausalLM, windows: torch.Tensor, batch_size: int =
 
 # --- building and caching ------------------------------------------------------------------------
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """lowbit's cache directory: `cache_dir`, else $LOWBIT_CACHE, else ~/.cache/lowbit."""
     root = cache_dir or os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lowbit"
     return Path(root).expanduser()
 
 
 def reference_path(config: ReferenceConfig | None = None, cache_dir: str | Path | None = None) -> Path:
     """Where the reference model for `config` is (or would be) cached."""
-    return _cache_root(cache_dir) / f"reference-{(config or ReferenceConfig()).key()}"
+    return cache_root(cache_dir) / f"reference-{(config or ReferenceConfig()).key()}"
 
 
 @contextmanager

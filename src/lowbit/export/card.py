@@ -24,6 +24,8 @@ def _grid_line(qw) -> str:
         parts.append("act-order g_idx")
     if qw.outliers is not None:
         parts.append(f"{qw.outliers.values.numel()} outliers")
+    if getattr(qw, "in_scale", None) is not None:
+        parts.append("AWQ input scale")
     if qw.lowrank is not None:
         parts.append(f"low-rank k={qw.lowrank.A.shape[1]}")
     return ", ".join(parts)

@@ -91,8 +91,8 @@ def refuse(fmt: str, name: str, why: str, hint: str) -> LowbitError:
 
 def require_uniform(src: Source, fmt: str, bits: tuple[int, ...], *, split_lowrank: bool,
                     linear_only: bool = True) -> None:
-    """Refuse anything `fmt` cannot hold exactly: non-uniform grids, outliers, low-rank terms, Conv1D,
-    activation quantization."""
+    """Refuse anything `fmt` cannot hold exactly: non-uniform grids, float (HQQ) zero points, outliers,
+    AWQ input scales, low-rank terms, Conv1D, activation quantization."""
     require_weight_only(src, fmt)
     for name, qw in src.qweights.items():
         g = qw.grid
@@ -102,9 +102,15 @@ def require_uniform(src: Source, fmt: str, bits: tuple[int, ...], *, split_lowra
         if g.bits not in bits:
             raise refuse(fmt, name, f"has {g.bits}-bit codes; {fmt} here holds {'/'.join(map(str, bits))} bits",
                          "use --format dequantized")
+        if g.float_zero:  # gptq / compressed-tensors zero points are b-bit integers; Q4_1's m = −z·s would round
+            raise refuse(fmt, name, f"has unrounded fp16 zero points (HQQ), which {fmt} cannot hold exactly",
+                         "use --format dequantized, or quantize with integer zeros (hqq `zero: int` in the recipe)")
         if qw.outliers is not None:
             raise refuse(fmt, name, "has sparse fp16 outliers, which no runtime format stores",
                          "use --format dequantized")
+        if qw.in_scale is not None:
+            raise refuse(fmt, name, f"has an AWQ per-input-channel scale (in_scale: Ŵ = Q(W·diag s)·diag(s)⁻¹), which "
+                         f"{fmt} cannot store", "use --format dequantized")
         if qw.lowrank is not None and not split_lowrank:
             raise refuse(fmt, name, "carries LQER low-rank factors W ≈ Ŵ + (A·B)ᵀ that this format cannot hold",
                          "pass --lowrank-adapter to write the base here plus a PEFT LoRA adapter for A·B "

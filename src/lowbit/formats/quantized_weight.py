@@ -24,6 +24,7 @@ from lowbit.formats.quant_primitives import (
     mxint_dequantize,
     n_groups,
 )
+from lowbit.formats.sparse_positions import decode_positions, encode_positions
 
 Tensors = dict[str, torch.Tensor]
 
@@ -40,6 +41,9 @@ class UniformGrid:
     qzeros layout (per group, one packed row of all output channels' zeros: [G, ⌈R·b/32⌉] words); a
     symmetric grid's zero is the constant 2^(b−1) and costs nothing. `g_idx` (int32, one per input
     column) is present only for act-order with dynamic groups.
+
+    Float zeros (HQQ's unrounded zero points): an fp16 `zero` tensor [R, G] marks them; they are stored
+    as is (16 bits each, tensor `zero`, meta `"zero": "fp16"`) and subtracted in float32.
     """
 
     bits: int
@@ -50,25 +54,35 @@ class UniformGrid:
     g_idx: torch.Tensor | None = None
     kind: str = field(default="uniform", init=False)
 
+    @property
+    def float_zero(self) -> bool:
+        return self.zero.is_floating_point()
+
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         s = expand_group_param(self.scale, codes.shape, self.group_size, self.g_idx)
-        z = expand_group_param(self.zero, codes.shape, self.group_size, self.g_idx)
+        z = expand_group_param(self.zero.float() if self.float_zero else self.zero, codes.shape, self.group_size,
+                               self.g_idx)  # int32 − fp16 would subtract in fp16
         return affine_dequantize(codes, s, z)
 
     def storage(self) -> dict[str, int]:
         out = {"scales": _bits(self.scale)}
-        if not self.symmetric:
+        if self.float_zero:
+            out["zeros"] = _bits(self.zero)
+        elif not self.symmetric:
             out["zeros"] = self.zero.shape[1] * packing.packed_words(self.zero.shape[0], self.bits) * 32
         if self.g_idx is not None:
             out["g_idx"] = _bits(self.g_idx)
         return out
 
     def meta(self) -> dict:
-        return {"kind": self.kind, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        m = {"kind": self.kind, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {**m, "zero": "fp16"} if self.float_zero else m
 
     def tensors(self) -> Tensors:
         t = {"scale": self.scale}
-        if not self.symmetric:
+        if self.float_zero:
+            t["zero"] = self.zero
+        elif not self.symmetric:
             t["qzeros"] = packing.pack(self.zero.T, self.bits)
         if self.g_idx is not None:
             t["g_idx"] = self.g_idx
@@ -78,7 +92,11 @@ class UniformGrid:
     def from_state(cls, meta: dict, t: Tensors, shape: tuple[int, int]) -> "UniformGrid":
         bits, gs, sym = int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"])
         scale = t["scale"]
-        if sym:
+        if meta.get("zero", "int") not in ("int", "fp16"):
+            raise ValueError(f"unknown zero storage {meta['zero']!r}")
+        if meta.get("zero") == "fp16":
+            zero = t["zero"]
+        elif sym:
             zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.int32)
         else:
             zero = packing.unpack(t["qzeros"], bits, scale.shape[0]).T.to(torch.int32).contiguous()
@@ -123,13 +141,37 @@ Grid = UniformGrid | MXIntGrid | CodebookGrid
 
 @dataclass
 class Outliers:
-    """Sparse full-precision entries that replace the grid value: flat index r·in + c (int32), fp16 value."""
+    """Sparse full-precision entries that replace the grid value: flat index r·in + c (int32), fp16 value.
+
+    Kept sorted by index (sorted on construction). Positions are stored compactly — per-row counts and
+    packed column indices (`formats.sparse_positions`) — and counted as stored; records written with a
+    flat int32 `outliers.index` (the earlier layout) still load.
+    """
 
     index: torch.Tensor
     values: torch.Tensor
 
-    def storage(self) -> dict[str, int]:
-        return {"outlier_values": _bits(self.values), "outlier_index": _bits(self.index)}
+    def __post_init__(self):
+        if self.index.ndim == 1 and self.index.shape == self.values.shape and self.index.numel() > 1:
+            order = torch.argsort(self.index, stable=True)
+            self.index, self.values = self.index[order], self.values[order]
+
+    def storage(self, shape: tuple[int, int]) -> dict[str, int]:
+        t, _ = encode_positions(self.index, shape)
+        return {"outlier_values": _bits(self.values), "outlier_index": sum(_bits(v) for v in t.values())}
+
+    def tensors(self, shape: tuple[int, int]) -> tuple[Tensors, dict]:
+        t, meta = encode_positions(self.index, shape)
+        t = {f"outliers.{k}": v for k, v in t.items()}
+        t["outliers.values"] = self.values
+        return t, meta
+
+    @classmethod
+    def from_state(cls, meta: dict | None, t: Tensors, shape: tuple[int, int]) -> "Outliers":
+        if "outliers.index" in t:  # earlier layout: flat int32 index
+            return cls(t["outliers.index"], t["outliers.values"])
+        pos = {k[9:]: v for k, v in t.items() if k.startswith("outliers.") and k != "outliers.values"}
+        return cls(decode_positions(pos, meta or {}, shape), t["outliers.values"])
 
 
 def lowrank_factor_dequantize(kind: str, q: torch.Tensor, s: torch.Tensor | None, block_size: int) -> torch.Tensor:
@@ -220,12 +262,20 @@ class LowRank:
 
 @dataclass
 class QuantizedWeight:
+    """Ŵ = (grid(codes), outliers substituted)·diag(in_scale)⁻¹ + (A·B)ᵀ.
+
+    `in_scale` (fp16 [in], AWQ's s; None = 1): the grid and the outliers hold the scaled weight W·diag(s),
+    so Q(W·diag s) is divided back column by column; the low-rank term corrects the final Ŵ and is not
+    scaled. Runtimes compute (x/s)·Q(W')ᵀ (+ (x·A)·B).
+    """
+
     shape: tuple[int, int]
     dtype: torch.dtype
     grid: Grid
     codes: torch.Tensor
     outliers: Outliers | None = None
     lowrank: LowRank | None = None
+    in_scale: torch.Tensor | None = None
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
@@ -242,6 +292,8 @@ class QuantizedWeight:
         w = self.grid.dequantize(self.codes)
         if self.outliers is not None:
             w.view(-1)[self.outliers.index.long()] = self.outliers.values.float()
+        if self.in_scale is not None:
+            w /= self.in_scale.float()
         if lowrank and self.lowrank is not None:
             w += self.lowrank.delta()
         return w if dtype is None else w.to(dtype)
@@ -254,9 +306,11 @@ class QuantizedWeight:
         out = {"codes": codes_storage(self.shape) if codes_storage else rows * packing.packed_words(cols, self.grid.bits) * 32}
         out.update(self.grid.storage())
         if self.outliers is not None:
-            out.update(self.outliers.storage())
+            out.update(self.outliers.storage(self.shape))
         if self.lowrank is not None:
             out.update(self.lowrank.storage())
+        if self.in_scale is not None:
+            out["in_scale"] = _bits(self.in_scale)
         return out
 
     def bits_per_weight(self) -> float:
@@ -269,12 +323,17 @@ class QuantizedWeight:
         t = pack_codes(self.codes) if pack_codes else {"qweight": packing.pack(self.codes, self.grid.bits)}
         t.update({f"grid.{k}": v for k, v in self.grid.tensors().items()})
         if self.outliers is not None:
-            t["outliers.index"], t["outliers.values"] = self.outliers.index, self.outliers.values
+            out_t, out_meta = self.outliers.tensors(self.shape)
+            t.update(out_t)
         if self.lowrank is not None:
             t.update(self.lowrank.tensors())
+        if self.in_scale is not None:
+            t["in_scale"] = self.in_scale
         meta = {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."), "grid": self.grid.meta()}
         if self.lowrank is not None and self.lowrank.meta() is not None:
             meta["lowrank"] = self.lowrank.meta()
+        if self.outliers is not None:
+            meta["outliers"] = out_meta
         return {k: v.contiguous() for k, v in t.items()}, meta
 
     @classmethod
@@ -286,14 +345,14 @@ class QuantizedWeight:
             grid = grid_cls.from_state(gmeta, {k[5:]: v for k, v in t.items() if k.startswith("grid.")}, shape)
             unpack_codes = getattr(grid, "unpack_codes", None)
             codes = unpack_codes(t, shape) if unpack_codes else packing.unpack(t["qweight"], grid.bits, shape[1])
-            outliers = Outliers(t["outliers.index"], t["outliers.values"]) if "outliers.index" in t else None
+            outliers = Outliers.from_state(meta.get("outliers"), t, shape) if "outliers.values" in t else None
             lowrank = LowRank.from_state(meta.get("lowrank"), t) if "lowrank.A" in t else None
             dtype = getattr(torch, meta["dtype"])
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
             raise LowbitError(f"corrupt quantized weight record: {e!r}") from e
         if codes.shape[0] != shape[0]:
             raise LowbitError(f"corrupt quantized weight record: {codes.shape[0]} rows, {shape[0]} expected")
-        qw = cls(shape, dtype, grid, codes, outliers, lowrank)
+        qw = cls(shape, dtype, grid, codes, outliers, lowrank, t.get("in_scale"))
         qw.check()
         return qw
 
@@ -314,6 +373,10 @@ class QuantizedWeight:
             R = 1 if g.group_size == 0 else rows
             need(tuple(g.scale.shape) == (R, G), f"scale shape {tuple(g.scale.shape)}, {(R, G)} expected")
             need(tuple(g.zero.shape) == (R, G), f"zero shape {tuple(g.zero.shape)}, {(R, G)} expected")
+            if g.float_zero:
+                need(g.zero.dtype == torch.float16 and not g.symmetric, f"{g.zero.dtype} zeros of a "
+                     f"{'symmetric' if g.symmetric else 'asymmetric'} grid (float zeros: fp16, asymmetric)")
+                need(bool(torch.isfinite(g.zero).all()), "non-finite zero points")
             if g.g_idx is not None:
                 need(g.group_size > 0 and tuple(g.g_idx.shape) == (cols,), f"g_idx shape {tuple(g.g_idx.shape)}")
                 need(cols == 0 or (0 <= int(g.g_idx.min()) and int(g.g_idx.max()) < G), "g_idx out of range")
@@ -327,6 +390,12 @@ class QuantizedWeight:
             i, v = self.outliers.index, self.outliers.values
             need(i.ndim == 1 and i.shape == v.shape, f"outlier index {tuple(i.shape)} / values {tuple(v.shape)}")
             need(i.numel() == 0 or (0 <= int(i.min()) and int(i.max()) < rows * cols), "outlier index out of range")
+            need(i.numel() < 2 or bool((i[1:] > i[:-1]).all()), "outlier positions repeat")
+        if self.in_scale is not None:
+            s = self.in_scale
+            need(s.dtype == torch.float16 and tuple(s.shape) == (cols,),
+                 f"in_scale {s.dtype} {tuple(s.shape)}, float16 ({cols},) expected")
+            need(bool((torch.isfinite(s) & (s > 0)).all()), "in_scale must be finite and positive")
         if self.lowrank is not None:
             A, B = self.lowrank.A, self.lowrank.B
             need(A.ndim == 2 and B.ndim == 2 and A.shape[0] == cols and B.shape[1] == rows

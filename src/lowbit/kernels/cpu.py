@@ -29,8 +29,9 @@ INT4_GROUP_SIZES = (256, 128, 64, 32)
 
 
 def _per_row_group(grid: UniformGrid, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale fp32 [rows, G], zero int32 [rows, G]) with per-tensor parameters broadcast to every row."""
-    s, z = grid.scale.float(), grid.zero
+    """(scale fp32 [rows, G], zero int32 [rows, G], or fp32 for a float-zero (HQQ) grid) with per-tensor
+    parameters broadcast to every row. Float zeros go to fp32 first: (8 − z) in fp16 would round."""
+    s, z = grid.scale.float(), (grid.zero.float() if grid.float_zero else grid.zero)
     if s.shape[0] == 1 and rows != 1:
         s, z = s.expand(rows, -1), z.expand(rows, -1)
     return s, z

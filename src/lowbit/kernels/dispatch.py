@@ -8,7 +8,8 @@
 * `kernel`: a kernel whenever one applies; fp32/fp16 activations are cast to bf16 for it and the output
   back. Layers no kernel can run (MXINT, outliers, act-order g_idx, odd shapes) use the reference.
 
-A kernel computes the grid part x·Ŵ_gridᵀ only; the caller adds the low-rank branch (x·A)·B and the
+A kernel computes the grid part x·Ŵ_gridᵀ only (for an AWQ layer with `in_scale` s: (x/s)·Q(W·diag s)ᵀ,
+the input divided before the op); the caller adds the low-rank branch (x·A)·B and the
 bias. Packed operands are built at the first call and kept on the module (`_kernel_state`).
 """
 
@@ -71,6 +72,9 @@ def base_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     _, kind, packed = _state(module, torch.bfloat16)
     if kind is None:
         return None
+    s = module.qweight.in_scale
+    if s is not None:  # AWQ: the kernel holds Q(W·diag s), so it multiplies x/s (in x's dtype)
+        x = x / s.to(x.dtype)
     xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
     if kind == "int4":
         y = cpu.int4_mm(xb, packed)

@@ -32,7 +32,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             q = m.qweight
-            out["quantized_records"] += nb(q.codes) + sum(nb(v) for v in vars(q.grid).values())
+            out["quantized_records"] += nb(q.codes) + sum(nb(v) for v in vars(q.grid).values()) + nb(q.in_scale)
             if q.lowrank is not None:
                 out["quantized_records"] += sum(nb(v) for v in vars(q.lowrank).values())
             st = getattr(m, "_kernel_state", None)

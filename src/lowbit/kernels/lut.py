@@ -29,6 +29,8 @@ def lut_reason(qw) -> str | None:
     g = qw.grid
     if getattr(g, "kind", None) != "codebook":
         return f"{g.kind} grid"
+    if getattr(g, "row_scale", None) is not None:  # ŵ = s_r · LUT[c, q]: the table alone is not ŵ
+        return "codebook grid with row scales"
     return None
 
 

@@ -14,17 +14,19 @@ from pydantic import Field, TypeAdapter, ValidationError
 from lowbit.errors import LowbitError, config_error
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods.claq import claq_quantize
-from lowbit.methods.config import ClaqConfig, GPTQConfig, MethodConfig, RTNConfig, SqueezeLLMConfig
+from lowbit.methods.awq import awq_quantize
+from lowbit.methods.config import AWQConfig, ClaqConfig, GPTQConfig, HQQConfig, MethodConfig, RTNConfig, SqueezeLLMConfig
 from lowbit.methods.gptq import gptq_quantize
+from lowbit.methods.hqq import hqq_quantize
 from lowbit.methods.lqer import lqer
 from lowbit.methods.rtn import rtn_quantize
 from lowbit.methods.squeezellm import squeezellm_quantize
 from lowbit.methods.stats import LayerStats, StatsAccumulator
 
-__all__ = ["ClaqConfig", "GPTQConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
+__all__ = ["AWQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
            "needs_calibration", "parse_method_config", "quantize_weight"]
 
-MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig, Field(discriminator="method")]
+MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig, Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(MethodConfigField)
 
 Result = tuple[QuantizedWeight, float | None]
@@ -47,12 +49,22 @@ def _squeezellm(W: torch.Tensor, stats: LayerStats | None, config: SqueezeLLMCon
     return squeezellm_quantize(W, None if stats is None else stats.hessian, config), None
 
 
+def _hqq(W: torch.Tensor, stats: LayerStats | None, config: HQQConfig) -> Result:
+    return hqq_quantize(W, config), None
+
+
+def _awq(W: torch.Tensor, stats: LayerStats | None, config: AWQConfig) -> Result:
+    return awq_quantize(W, stats, config, return_loss=True)
+
+
 # method name -> (implementation, needs calibration statistics: a bool, or a function of the config)
 _METHODS: dict[str, tuple[Callable[..., Result], bool | Callable[..., bool]]] = {
     "rtn": (_rtn, False),
     "gptq": (_gptq, True),
     "claq": (_claq, True),
     "squeezellm": (_squeezellm, lambda c: c.weighting != "none"),  # unweighted k-means needs no data
+    "hqq": (_hqq, False),
+    "awq": (_awq, True),
 }
 
 
@@ -86,7 +98,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodCon
 
 def parse_method_config(d: dict | MethodConfig) -> MethodConfig:
     """Build the right config from a dict with a `method` key (YAML recipes and CLI flags share this)."""
-    if isinstance(d, (RTNConfig, GPTQConfig, ClaqConfig, SqueezeLLMConfig)):
+    if isinstance(d, (RTNConfig, GPTQConfig, ClaqConfig, SqueezeLLMConfig, HQQConfig, AWQConfig)):
         return d
     try:
         return _ADAPTER.validate_python(d)

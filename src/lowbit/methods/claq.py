@@ -18,6 +18,13 @@ As the authors implement it (notes research-lqer-claq.md §2.2), for W [out, in]
    (as the authors do); snap to the nearest centroid of the stored (fp16 or uint8-affine) codebook; OR
    entries keep their fp16 value; push the error on the remaining columns as GPTQ does.
 
+`row_scale` ("rms" | "absmax", an extension beyond the paper, default off): W = diag(s)·W' with one fp16
+scale per output row (its RMS or absmax over the dead-fixed W), and the codebooks are fitted on W' so a
+column's table need not follow the rows' magnitudes (GPTQ's per-row scales capture those; a per-column
+table alone cannot). ŵ[r, c] = s_r · C_c[q]. GPTQ's loss of column j, Σ_r (w_r − ŵ_r)² / U_jj², is
+Σ_r s_r² (w'_r − C_c[q_r])² / U_jj², so the k-means on w' is weighted by s_r², and the nearest entry of
+w'_r is the nearest of w_r. The sweep itself (error and OBS update) stays in the original space.
+
 `fit="block"` is a faster, non-faithful variant: the codebooks of a whole lazy block (128 columns) are
 fitted in one batched k-means call on the block as the sweep reaches it, so earlier columns of the same
 block no longer move later columns' codebooks (their codes still see the feedback).
@@ -90,16 +97,21 @@ def tail_counts(n: int, p: float) -> tuple[int, int]:
 class ClaqColumnGrid:
     """`ColumnGrid` for `gptq_sweep`: a k-means codebook per column, fitted on the updated column."""
 
-    def __init__(self, col_bits: torch.Tensor, col_p: torch.Tensor, cfg: ClaqConfig):
+    def __init__(self, col_bits: torch.Tensor, col_p: torch.Tensor, cfg: ClaqConfig,
+                 row_scale: torch.Tensor | None = None):
         self.cfg = cfg
+        self.row_scale = row_scale  # fp16 [rows] or None
+        self._s = None if row_scale is None else row_scale.float()
+        self._s2 = None if row_scale is None else self._s.square()
         self.col_bits, self.col_p = col_bits, col_p
         self._bits = col_bits.tolist()  # python ints: per-column lookups without tensor overhead
         n = col_bits.numel()
         self.K = 2 ** int(col_bits.max())
         self.lut = torch.zeros(n, self.K, dtype=torch.float16)
-        self.entries = torch.zeros(n, self.K, dtype=torch.uint8) if cfg.codebook_bits == 8 else None
-        self.entry_scale = torch.zeros(n, dtype=torch.float16) if cfg.codebook_bits == 8 else None
-        self.entry_min = torch.zeros(n, dtype=torch.float16) if cfg.codebook_bits == 8 else None
+        affine = cfg.codebook_bits != 16
+        self.entries = torch.zeros(n, self.K, dtype=torch.uint8) if affine else None
+        self.entry_scale = torch.zeros(n, dtype=torch.float16) if affine else None
+        self.entry_min = torch.zeros(n, dtype=torch.float16) if affine else None
         self.group_size = cfg.block_size if cfg.fit == "block" else 0  # "block": start_group fits a block
         self._out_rows: list[torch.Tensor] = []
         self._out_cols: list[int] = []
@@ -109,9 +121,13 @@ class ClaqColumnGrid:
         """Fit and store the codebooks of sweep columns j0 .. j0 + len(X) − 1 (rows of X), per width."""
         bits = self.col_bits[j0 : j0 + X.shape[0]]
         km = self.cfg.kmeans
+        wt = None
+        if self._s is not None:
+            X, wt = X / self._s.to(X.dtype), self._s2.expand(X.shape)
         for b in bits.unique().tolist():
             sel = torch.nonzero(bits == b)[:, 0]
-            c = kmeans_1d(X[sel], 2**b, init=km.init, max_iter=km.max_iter, tol=km.tol, seed=km.seed).centroids
+            c = kmeans_1d(X[sel], 2**b, None if wt is None else wt[sel], init=km.init, max_iter=km.max_iter,
+                          tol=km.tol, seed=km.seed).centroids
             lut, q, s, lo = encode_codebook(c, self.cfg.codebook_bits)
             idx = sel + j0
             self.lut[idx, : 2**b] = lut
@@ -122,7 +138,10 @@ class ClaqColumnGrid:
         """`_fit` of one column (the faithful sweep's per-column refit) without the per-width batching."""
         K = 2 ** self._bits[j]
         km = self.cfg.kmeans
-        c = kmeans_1d(w[None], K, init=km.init, max_iter=km.max_iter, tol=km.tol, seed=km.seed).centroids
+        wt = None
+        if self._s is not None:
+            w, wt = w / self._s.to(w.dtype), self._s2[None]
+        c = kmeans_1d(w[None], K, wt, init=km.init, max_iter=km.max_iter, tol=km.tol, seed=km.seed).centroids
         lut, q, s, lo = encode_codebook(c, self.cfg.codebook_bits)
         self.lut[j, :K] = lut[0]
         if q is not None:
@@ -136,8 +155,12 @@ class ClaqColumnGrid:
             self._fit_column(w, j)
         K = 2 ** self._bits[j]
         lut = self.lut[j, :K].float()
-        codes = nearest(w[None].float(), lut[None])[0]
-        wq = lut[codes].to(w.dtype)
+        if self._s is None:
+            codes = nearest(w[None].float(), lut[None])[0]
+            wq = lut[codes].to(w.dtype)
+        else:  # nearest entry of w/s = nearest of w on the row's scaled table; ŵ exactly as dequantize()
+            codes = nearest((w / self._s.to(w.dtype))[None].float(), lut[None])[0]
+            wq = (lut[codes] * self._s).to(w.dtype)
         n_top, n_bot = tail_counts(w.numel(), float(self.col_p[j]))
         if n_top or n_bot:
             order = torch.sort(w, stable=True).indices
@@ -155,7 +178,7 @@ class ClaqColumnGrid:
         return make_codebook_grid("column", self.col_bits[inv], self.lut[inv], self.cfg.codebook_bits,
                                   None if self.entries is None else self.entries[inv],
                                   None if self.entry_scale is None else self.entry_scale[inv],
-                                  None if self.entry_min is None else self.entry_min[inv])
+                                  None if self.entry_min is None else self.entry_min[inv], self.row_scale)
 
     def outliers(self, perm: torch.Tensor | None, shape: tuple[int, int]) -> Outliers | None:
         if not self._out_rows:
@@ -168,6 +191,15 @@ class ClaqColumnGrid:
         return Outliers(index[order].to(torch.int32), values[order])
 
 
+def row_scales(W: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """fp16 per-row scale s of W [out, in] ("rms" or "absmax"; all-zero rows get 1), or None for "none"."""
+    if kind == "none":
+        return None
+    s = W.float().square().mean(1).sqrt() if kind == "rms" else W.float().abs().amax(1)
+    s = s.half()
+    return torch.where(s.float() > 0, s, torch.ones_like(s))  # an fp16 underflow to 0 also gets 1
+
+
 def claq_quantize(W: torch.Tensor, hessian: torch.Tensor, cfg: ClaqConfig, *, feedback: bool = True,
                   dtype: torch.dtype = torch.float32, return_loss: bool = False):
     """CLAQ-quantize W [out, in] given H [in, in]. `feedback=False` drops GPTQ's error propagation
@@ -177,7 +209,7 @@ def claq_quantize(W: torch.Tensor, hessian: torch.Tensor, cfg: ClaqConfig, *, fe
     Wf, H, perm = prepare_hessian(W.to(dtype), hessian.to(dtype), cfg.act_order, cfg.damp_percent)
     U = inverse_cholesky_upper(H)
     order = column_ranking(Wf, U, cfg.ap_metric, cfg.outlier_threshold)
-    grid = ClaqColumnGrid(adaptive_bits(order, cfg), outlier_fractions(order, cfg), cfg)
+    grid = ClaqColumnGrid(adaptive_bits(order, cfg), outlier_fractions(order, cfg), cfg, row_scales(Wf, cfg.row_scale))
     # Without feedback the sweep runs against a diagonal U: no off-diagonal terms, nothing propagates.
     codes, loss = gptq_sweep(Wf, U if feedback else torch.diag(torch.diagonal(U)), grid, cfg.block_size)
     if perm is not None:

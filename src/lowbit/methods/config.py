@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -84,12 +84,29 @@ class WeightQuantConfig(BaseModel):
     symmetric: bool = False
     lqer: LQERConfig | None = None  # optional low-rank error correction on top of this grid
     act: ActQuantConfig | None = None  # optional activation fake quantization (None: weight-only)
+    # Outlier reservation (`methods.outliers`): this fraction of each layer's entries is kept exactly in
+    # fp16 (values and positions stored and counted) and left out of the grid fit. Methods implement it
+    # by setting `reserves_outliers`; the others refuse f > 0. (CLAQ redefines the field: its own OR.)
+    outliers: float = Field(0.0, ge=0, lt=0.5)
+    # Which entries (`methods.outliers`): range = largest drop of the group's squared min-max range
+    # (default); group-z = |w − mean| / std within each (row, group); magnitude = |w − group mean| / std
+    # of the whole layer. bench/outliers.py compares them.
+    outlier_rule: Literal["range", "group-z", "magnitude"] = "range"
+    reserves_outliers: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _outliers_supported(self):
+        if isinstance(self.outliers, float) and self.outliers > 0 and not self.reserves_outliers:
+            raise ValueError(f"method {getattr(self, 'method', '?')} does not implement outlier reservation: "
+                             "outliers must be 0")
+        return self
 
 
 class RTNConfig(WeightQuantConfig):
     """Round-to-nearest onto a min-max grid: uniform integers, or MXINT blocks (LQER's format)."""
 
     method: Literal["rtn"] = "rtn"
+    reserves_outliers: ClassVar[bool] = True
     format: Literal["int", "mxint"] = "int"
     # MXINT only: elements per shared exponent and the exponent's width (LQER: 16 and 8).
     block_size: int = 16
@@ -99,6 +116,8 @@ class RTNConfig(WeightQuantConfig):
     def _mx(self):
         if self.format == "mxint" and self.block_size < 1:
             raise ValueError("MXINT block size must be positive")
+        if self.format == "mxint" and self.outliers > 0:
+            raise ValueError("outlier reservation is for uniform integer grids, not MXINT: use format int")
         return self
 
 
@@ -106,6 +125,7 @@ class GPTQConfig(WeightQuantConfig):
     """GPTQ (Frantar et al., 2023) as in the reference code IST-DASLab/gptq."""
 
     method: Literal["gptq"] = "gptq"
+    reserves_outliers: ClassVar[bool] = True
     damp_percent: float = 0.01  # λ = damp_percent · mean(diag H)
     block_size: int = 128  # lazy batch update width B
     act_order: bool = True  # columns by descending diag(H)
@@ -151,6 +171,7 @@ class ClaqConfig(WeightQuantConfig):
     """
 
     method: Literal["claq"] = "claq"
+    reserves_outliers: ClassVar[bool] = True  # its own OR: `outliers` below, per tail and column
     group_size: int = -1
     damp_percent: float = Field(0.01, ge=0, lt=1)
     block_size: int = Field(128, ge=1)
@@ -161,7 +182,9 @@ class ClaqConfig(WeightQuantConfig):
     outlier_threshold: float = Field(13.0, gt=0)  # t of the Outlier Order: |w| ≥ t · mean|W|
     outliers: Literal["none", "dynamic"] | float = "none"
     fit: Literal["column", "block"] = "column"  # column: faithful refit per column; block: one batch per block
-    codebook_bits: Literal[16, 8] = 16  # fp16 entries, or uint8 on a per-column affine grid
+    codebook_bits: Literal[16, 8, 7, 6, 5] = 16  # fp16 entries, or e-bit codes on a per-column affine grid
+    # Extension beyond the paper: one fp16 scale per output row (its RMS or absmax), codebooks of W/s.
+    row_scale: Literal["none", "rms", "absmax"] = "none"
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
 
     _group = field_validator("group_size")(classmethod(lambda cls, v: _per_vector_only(v)))
@@ -199,4 +222,57 @@ class SqueezeLLMConfig(WeightQuantConfig):
     _group = field_validator("group_size")(classmethod(lambda cls, v: _per_vector_only(v)))
 
 
-MethodConfig = RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig
+class HQQConfig(WeightQuantConfig):
+    """HQQ (Badri & Shaji, 2023): no data; per group the min-max scale is kept and the zero point is
+    optimised for the l_p norm of the weight error by half-quadratic splitting (`methods.hqq`).
+
+    zero: "fp16" stores HQQ's unrounded zeros (16 bits each: b + 32/g bits per weight with the fp16
+    scale); "int" rounds them to b-bit integers packed like RTN's (b + (16 + b)/g), which every exporter
+    takes.
+    """
+
+    method: Literal["hqq"] = "hqq"
+    group_size: GroupSize = 64
+    p: float = Field(0.7, gt=0, le=1)  # the l_p norm of the error (HQQ: 0.7)
+    beta0: float = Field(10.0, gt=0)  # β₀ of the half-quadratic penalty
+    kappa: float = Field(1.01, ge=1)  # β ← κβ each iteration
+    iters: int = Field(20, ge=1)
+    zero: Literal["fp16", "int"] = "fp16"
+
+    @field_validator("symmetric")
+    @classmethod
+    def _asymmetric(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("HQQ optimises the zero point, which a symmetric grid fixes at 2^(b-1): "
+                             "use an asymmetric grid (--asym), or method rtn for a symmetric one")
+        return v
+
+
+class AWQConfig(WeightQuantConfig):
+    """AWQ (Lin et al., arXiv 2306.00978) per layer (`methods.awq`): input-channel scale s = s_X^α with α
+    searched on the layer output error, then RTN (with the authors' clip search) or GPTQ on W·diag(s).
+    s is stored with the layer (fp16 per input channel, counted) unless the best α is 0."""
+
+    method: Literal["awq"] = "awq"
+    base: Literal["rtn", "gptq"] = "rtn"
+    n_grid: int = Field(20, ge=1)  # α ∈ {0, 1/n_grid, …, (n_grid − 1)/n_grid}
+    # Clip search (RTN base): None = on for rtn with groups or per-channel grids, off otherwise.
+    clip: bool | None = None
+    clip_grid: int = Field(20, ge=1)  # shrink ratios 1 − i/clip_grid …
+    max_shrink: float = Field(0.5, ge=0, lt=1)  # … for i < max_shrink·clip_grid (1.0 … 0.55)
+    # GPTQ knobs (base gptq), as GPTQConfig
+    damp_percent: float = Field(0.01, ge=0, lt=1)
+    block_size: int = Field(128, ge=1)
+    act_order: bool = True
+    static_groups: bool = True
+
+    @model_validator(mode="after")
+    def _clip(self):
+        if self.clip and self.base != "rtn":
+            raise ValueError("AWQ clip search is for the rtn base (GPTQ fits its own grid): set clip false")
+        if self.clip and self.group_size == 0:
+            raise ValueError("AWQ clip search needs per-channel or grouped grids (group_size -1 or > 0)")
+        return self
+
+
+MethodConfig = RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig

@@ -15,6 +15,10 @@ of H⁻¹ after eliminating columns < j). Details that matter for faithfulness:
   group start — the reference reads the block-level W there, not the in-block copy, and so do we;
 * one deliberate difference: per-channel / static parameters are fitted after dead columns are zeroed
   (the reference fits them before), which gives a tighter grid; tests/test_gptq.py pins the difference.
+
+Optional outlier reservation (`config.outliers`, `methods.outliers`, SpQR-like): the reserved entries
+are left out of the grid fit and kept in fp16 at their error-fed value, so only quantized entries feed
+errors forward. With outliers = 0 the code path is exactly the plain one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods.column_grids import ColumnGrid, UniformColumnGrid
 from lowbit.methods.config import GPTQConfig
+from lowbit.methods.outliers import ReservedColumnGrid, fit_view, reserve_mask
 from lowbit.methods.validate import check_hessian, check_weight
 
 
@@ -100,10 +105,22 @@ def gptq_quantize(W: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig,
     U = inverse_cholesky_upper(H)
     inv = None if perm is None else torch.argsort(perm)
     # Static params come from W in original column order (the dead-fixed W, before the sweep mutates it).
-    grid = UniformColumnGrid(Wf if inv is None else Wf[:, inv], config.bits, config.symmetric,
-                             config.group_size, config.static_groups, perm)
+    W0 = Wf if inv is None else Wf[:, inv]
+    mask = None  # outlier reservation (methods.outliers), in sweep order
+    if config.outliers:
+        args = (config.outliers, config.group_size, config.outlier_rule)
+        if config.static_groups or config.group_size <= 0:  # chosen per original group, left out of the fit
+            m0 = reserve_mask(W0, *args)
+            W0 = fit_view(W0, m0)
+            mask = m0 if perm is None else m0[:, perm]
+        else:  # dynamic groups are formed in sweep order; ReservedColumnGrid masks them when fitted
+            mask = reserve_mask(Wf, *args)
+    grid = UniformColumnGrid(W0, config.bits, config.symmetric, config.group_size, config.static_groups, perm)
+    if mask is not None:
+        grid = ReservedColumnGrid(grid, mask)
     codes, loss = gptq_sweep(Wf, U, grid, config.block_size)
     if inv is not None:
         codes = codes[:, inv]
-    qw = QuantizedWeight(W.shape, W.dtype, grid.finish(perm), codes)
+    qw = QuantizedWeight(W.shape, W.dtype, grid.finish(perm), codes,
+                         None if mask is None else grid.outliers(perm, tuple(W.shape)))
     return (qw, loss) if return_loss else qw

@@ -177,7 +177,7 @@ def lqer(qw: QuantizedWeight, W: torch.Tensor, stats: LayerStats | None, cfg: LQ
     rank of 0 (bit budget already spent by the base grid) returns the base alone."""
     if tuple(W.shape) != qw.shape:
         raise LowbitError(f"weight shape {tuple(W.shape)} does not match the quantized weight {qw.shape}")
-    base = QuantizedWeight(qw.shape, qw.dtype, qw.grid, qw.codes, qw.outliers, None)
+    base = QuantizedWeight(qw.shape, qw.dtype, qw.grid, qw.codes, qw.outliers, None, qw.in_scale)
     E = (W.double() - base.dequantize().double()).T
     in_f, out_f = E.shape
     T, T_inv = _scale_ops(stats, cfg, in_f)
@@ -194,4 +194,4 @@ def lqer(qw: QuantizedWeight, W: torch.Tensor, stats: LayerStats | None, cfg: LQ
     if k == 0:
         return base
     lr = _store(T_inv(U), S[:, None] * V.T, E, T, cfg)
-    return QuantizedWeight(qw.shape, qw.dtype, qw.grid, qw.codes, qw.outliers, lr)
+    return QuantizedWeight(qw.shape, qw.dtype, qw.grid, qw.codes, qw.outliers, lr, qw.in_scale)

@@ -12,6 +12,7 @@ from lowbit.formats.quant_primitives import (
 )
 from lowbit.formats.quantized_weight import MXIntGrid, QuantizedWeight, UniformGrid
 from lowbit.methods.config import RTNConfig
+from lowbit.methods.outliers import fit_view, reserve_mask, take_outliers
 from lowbit.methods.validate import check_weight
 
 
@@ -22,9 +23,12 @@ def rtn_quantize(W: torch.Tensor, config: RTNConfig) -> QuantizedWeight:
         codes = (m.to(torch.int16) + 2 ** (config.bits - 1)).to(torch.uint8)
         grid = MXIntGrid(config.bits, config.block_size, e, config.exp_bits)
         return QuantizedWeight(W.shape, W.dtype, grid, codes)
-    scale, zero = affine_qparams(W, config.bits, config.symmetric, config.group_size)
+    # Outlier reservation: the grid is fitted without the reserved entries, which are stored in fp16.
+    mask = reserve_mask(W, config.outliers, config.group_size, config.outlier_rule) if config.outliers else None
+    scale, zero = affine_qparams(W if mask is None else fit_view(W, mask), config.bits, config.symmetric,
+                                 config.group_size)
     s = expand_group_param(scale, W.shape, config.group_size)
     z = expand_group_param(zero, W.shape, config.group_size)
     codes = affine_quantize(W, s, z, config.bits)
     grid = UniformGrid(config.bits, config.group_size, config.symmetric, scale, zero)
-    return QuantizedWeight(W.shape, W.dtype, grid, codes)
+    return QuantizedWeight(W.shape, W.dtype, grid, codes, None if mask is None else take_outliers(W, mask))

@@ -4,6 +4,8 @@ The base weight (grid + outliers) is dequantized once (lazily, in the activation
 run by a kernel (`lowbit.kernels.dispatch`); a low-rank term runs as its own branch, y = x·Ŵᵀ + (x·A)·B,
 so Ŵ + (AB)ᵀ is never materialised. `QuantizedWeight.dequantize()` stays the reference every path must
 match. With `act` set, inputs (and low-rank intermediates) are fake-quantized first (`nn.act_quant`).
+An AWQ input scale s (`QuantizedWeight.in_scale`) is folded into the cached base weight Q(W')·diag(s)⁻¹;
+kernels, which hold Q(W') itself, take x/s instead (`kernels.dispatch`).
 """
 
 from __future__ import annotations

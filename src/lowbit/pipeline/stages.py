@@ -1,0 +1,237 @@
+"""The model-level stages a recipe composes around the per-layer quantizer:
+
+    prune (UDFC, data-free)  →  calibrate + quantize every linear (any method)  →  fine-tune (optional)
+
+* `prune:` (a `PruneConfig`) removes MLP channels in memory with UDFC's closed-form compensation; the
+  quantizer then sees the smaller model. A pruned channel stores nothing, so bits are counted over the
+  ORIGINAL element count of the quantized linears (`bits_per_weight`); `bits_per_stored_weight` divides
+  by the elements actually kept.
+* `finetune:` (a `FinetuneStageConfig`) trains what the base format can hold without changing a stored
+  bit, on the calibration windows, against the unquantized (and unpruned) model:
+  - `codebook`: the table values of codebook grids with the codes frozen (`qat.codebook_tuning`);
+  - `l4q`: L4Q from the base's uniform grid (`qat.prepare.make_layer` with init_from="gptq": W₀ := Ŵ,
+    the base's steps and offsets), exported again on a plain UniformGrid of the same bits / group size.
+  Loss `kd` (default): per-token KL(P_teacher ‖ P_model), the metric lowbit reports against fp32; `ce`:
+  next-token cross-entropy on the calibration text. Batches are a function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.formats.codebook import CodebookGrid
+from lowbit.formats.quantized_weight import QuantizedWeight, UniformGrid
+from lowbit.nn.quant_linear import QuantLinear, replace_module
+
+
+class FinetuneStageConfig(BaseModel):
+    """Fine-tuning after quantization. lr: codebook entries / LQER factors (codebook), LoRA A, B (l4q);
+    lr_quant: L4Q's steps and offsets. rank, alpha: L4Q's adapter (scaled by alpha / rank)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["codebook", "l4q"]
+    steps: int = Field(32, ge=0)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_quant: float = Field(1e-5, gt=0)
+    loss: Literal["kd", "ce"] = "kd"
+    seed: int = 0
+    tune_lowrank: bool = True  # codebook: also the LQER factors when the layers have them
+    report_windows: int = Field(32, ge=1)  # the loss before/after is reported on the first N calibration windows
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(1.0, gt=0)
+
+
+# ---------------------------------------------------------------------------------------------- prune
+
+def prune_stage(model: nn.Module, cfg, calib: torch.Tensor | None, group_size: int | None = None) -> dict:
+    """Prune `model` in place (UDFC). Returns the report plus {"original_shapes": {linear: [out, in]}}.
+    `group_size`: the quantizer's; the kept channel count (down_proj's input) must be a multiple of it."""
+    from lowbit.models.adapters import layer_shape
+    from lowbit.prune.criteria import n_pruned
+    from lowbit.prune.hf import mlp_blocks, prune_hf
+
+    if cfg.bits is not None:
+        raise LowbitError("prune.bits quantizes with RTN inside the prune step; in a recipe the quant: section "
+                          "quantizes the pruned model, so leave prune.bits unset")
+    blocks = mlp_blocks(model)
+    shapes = {f"{name}.mlp.{p}": list(layer_shape(getattr(mlp, p)))
+              for name, mlp, _ in blocks for p in ("gate_proj", "up_proj", "down_proj")}
+    n = blocks[0][1].gate_proj.out_features if blocks else 0
+    kept = n - n_pruned(n, cfg.ratio)
+    if group_size and group_size > 0 and kept % group_size:
+        lo, hi = kept // group_size * group_size, -(-kept // group_size) * group_size
+        ratios = ", ".join(f"{(n - k) / n:.4f} ({n - k} channels)" for k in (hi, lo) if 0 < k < n)
+        raise LowbitError(f"prune.ratio {cfg.ratio} keeps {kept} of {n} MLP channels, which the quantizer's group "
+                          f"size {group_size} does not divide (down_proj's input); choose e.g. ratio {ratios}")
+    # data-light moments come from the recipe's calibration windows (calib_samples / calib_seqlen are the
+    # `lowbit prune` command's own settings and are not used here)
+    _, report, _ = prune_hf(model, cfg, calib if cfg.data_light else None, inplace=True)
+    report["original_shapes"] = shapes
+    return report
+
+
+def bit_counts(qweights: dict[str, QuantizedWeight], original_shapes: dict | None) -> dict:
+    """Stored bits over the original and over the stored element count of the quantized linears."""
+    bits = sum(sum(q.storage().values()) for q in qweights.values())
+    stored = sum(q.shape[0] * q.shape[1] for q in qweights.values())
+    orig = sum(math.prod((original_shapes or {}).get(n, q.shape)) for n, q in qweights.items())
+    return {"bits_per_weight": bits / orig if orig else 0.0,
+            "bits_per_stored_weight": bits / stored if stored else 0.0,
+            "stored_bits": bits, "original_params": orig, "stored_params": stored}
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+
+def check_finetune(cfg: FinetuneStageConfig, qweights: dict[str, QuantizedWeight],
+                   model: nn.Module | None = None) -> list[str]:
+    """The layers the stage trains; LowbitError for what cannot compose."""
+    for name in qweights if model is not None else ():
+        if getattr(model.get_submodule(name), "act", None) is not None:
+            raise LowbitError(f"{name}: fine-tuning with activation quantization (act:) is not supported")
+    if cfg.method == "codebook":
+        names = [n for n, q in qweights.items() if isinstance(q.grid, CodebookGrid)]
+        if not names:
+            raise LowbitError("finetune method 'codebook' tunes codebook grids (claq, squeezellm); "
+                              "no quantized layer has one")
+        return names
+    for name, q in qweights.items():
+        g = q.grid
+        if not isinstance(g, UniformGrid):
+            raise LowbitError(f"{name}: finetune method 'l4q' trains a uniform integer grid; a {g.kind} grid "
+                              "cannot be expressed (use method 'codebook' for codebook grids)")
+        if q.outliers is not None or q.lowrank is not None:
+            raise LowbitError(f"{name}: L4Q exports a plain uniform grid and would drop the layer's "
+                              f"{'outliers' if q.outliers is not None else 'low-rank factors'}; "
+                              "quantize without them or fine-tune without L4Q")
+        if g.zero.is_floating_point() or getattr(q, "in_scale", None) is not None:
+            raise LowbitError(f"{name}: L4Q trains integer zero points on the plain weight; the base's "
+                              f"{'float zeros (hqq)' if g.zero.is_floating_point() else 'input scales (awq)'} "
+                              "cannot be kept")
+        if g.g_idx is not None:
+            raise LowbitError(f"{name}: L4Q cannot keep GPTQ's g_idx (act-order with dynamic groups); "
+                              "use static_groups: true")
+    return list(qweights)
+
+
+def _l4q_layer(name: str, ql: QuantLinear, cfg: FinetuneStageConfig, index: int):
+    """L4Q from the base grid: `make_layer` on a linear holding Ŵ, with init_from="gptq" (W₀ := Ŵ)."""
+    from lowbit.qat.config import L4QConfig
+    from lowbit.qat.prepare import make_layer
+
+    q = ql.qweight
+    g = q.grid
+    lin = nn.Linear(q.shape[1], q.shape[0], bias=ql.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(q.dequantize())
+        if ql.bias is not None:
+            lin.bias.copy_(ql.bias)
+    # A symmetric base keeps b = 0 frozen, so the export stays symmetric and its zeros stay free.
+    qcfg = L4QConfig(bits=g.bits, group_size=g.group_size, rank=cfg.rank, alpha=cfg.alpha, init_from="gptq",
+                     learn_offset=not g.symmetric)
+    return make_layer(name, lin, qcfg, index, cfg.seed, q)
+
+
+def _lr(step: int, steps: int) -> float:
+    """Cosine decay from 1 to 0 over the run (no warm-up: training starts at the base's optimum)."""
+    return 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+
+
+def window_losses(model: nn.Module, windows: torch.Tensor, loss: str, teacher: nn.Module | None,
+                  batch: int = 8) -> float:
+    """Mean per-token loss over every window (the training objective, evaluated without gradients)."""
+    from lowbit.qat.trainer import window_loss
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            ids = windows[i:i + batch]
+            total += float(window_loss(model, ids, torch.ones_like(ids, dtype=torch.bool), loss, teacher))
+            n += ids.shape[0] * (ids.shape[1] - 1)
+    return total / n
+
+
+def finetune_stage(model: nn.Module, teacher: nn.Module | None, qweights: dict[str, QuantizedWeight],
+                   cfg: FinetuneStageConfig, windows: torch.Tensor) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Fine-tune the quantized `model` in place; returns (new qweights, report). The model ends with
+    QuantLinears running the returned weights; the stored bits of every layer are unchanged."""
+    from lowbit.qat.codebook_tuning import CodebookTuneLinear
+    from lowbit.qat.data import batch_indices
+    from lowbit.qat.trainer import window_loss
+
+    if windows is None or windows.numel() == 0:
+        raise LowbitError("the finetune stage needs calibration windows")
+    if cfg.loss == "kd" and teacher is None:
+        raise LowbitError("finetune loss 'kd' needs the unquantized teacher model")
+    names = check_finetune(cfg, qweights, model)
+    training = model.training
+    model.eval()  # no dropout: the loss is a deterministic function of the parameters
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    layers: dict[str, nn.Module] = {}
+    for i, name in enumerate(names):
+        ql = model.get_submodule(name)
+        layers[name] = (CodebookTuneLinear(ql.qweight, ql.bias, cfg.tune_lowrank) if cfg.method == "codebook"
+                        else _l4q_layer(name, ql, cfg, i))
+        replace_module(model, name, layers[name])
+    main, quant = [], []
+    for layer in layers.values():
+        for pname, p in layer.named_parameters(recurse=False):
+            if p.requires_grad:
+                (quant if pname in ("s", "b") else main).append(p)
+    groups = [{"params": main, "lr": cfg.lr}] + ([{"params": quant, "lr": cfg.lr_quant}] if quant else [])
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    base_lrs = [g["lr"] for g in groups]
+    ones = torch.ones_like(windows, dtype=torch.bool)
+    shown = windows[:cfg.report_windows]
+    before = window_losses(model, shown, cfg.loss, teacher)
+    history = []
+    try:
+        for step in range(cfg.steps):
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * _lr(step, cfg.steps)
+            idx = batch_indices(windows.shape[0], cfg.batch_size, step, cfg.seed)
+            ids = windows[idx]
+            loss = window_loss(model, ids, ones[idx], cfg.loss, teacher) / (ids.shape[0] * (ids.shape[1] - 1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            history.append(float(loss.detach()))
+        new = dict(qweights)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                qw = layer.export() if cfg.method == "codebook" else layer.export(qweights[name].dtype)
+                new[name] = qw
+                replace_module(model, name, QuantLinear(qw, layer.bias))
+    except BaseException:
+        for name in layers:  # leave the model as it came: the base QuantLinears
+            replace_module(model, name, QuantLinear(qweights[name], layers[name].bias))
+        raise
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(training)
+    after = window_losses(model, shown, cfg.loss, teacher)
+    report = {"config": cfg.model_dump(), "layers": len(layers), "loss_windows": shown.shape[0],
+              "loss_before": before, "loss_after": after,
+              "train_loss": history}
+    return new, report
+
+
+def keep_teacher(model: nn.Module, finetune: FinetuneStageConfig | None) -> nn.Module | None:
+    """A frozen copy of the unpruned, unquantized model when the finetune stage distils from it."""
+    if finetune is None or finetune.loss != "kd":
+        return None
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
