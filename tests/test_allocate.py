@@ -80,7 +80,8 @@ def tiny(tiny_model_dir):
 
 def test_sensitivity_is_the_direct_kl_and_restores_the_model(tiny):
     from lowbit.allocate.job import target_layers
-    from lowbit.allocate.sensitivity import collect_stats, measure_sensitivity
+    from lowbit.allocate.sensitivity import measure_sensitivity
+    from lowbit.pipeline.collect import collect_stats
     from lowbit.eval.kl import kl_divergence
     from lowbit.methods import parse_method_config, quantize_weight
 
@@ -135,3 +136,30 @@ def test_budgeted_quantize_end_to_end(tiny, tiny_model_dir, tmp_path, monkeypatc
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k].codes, b[k].codes) and torch.equal(a[k].dequantize(), b[k].dequantize()), k
+
+
+def test_compare_cli_budgets(tiny_model_dir, tmp_path, monkeypatch):
+    """`lowbit compare --budgets`: each budget becomes a run within its budget, with its plan kept."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "grid.yaml"
+    base.write_text(yaml.safe_dump({
+        "quant": {"method": "rtn", "bits": 3, "group_size": 32},
+        "calibration": {"n_samples": 4, "seqlen": 64},
+        "budget": {"bits_per_weight": 3.0, "bits": [2, 4], "group_sizes": [-1, 32], "ranks": [0], "n_samples": 2}}))
+    out = tmp_path / "report"
+    res = CliRunner().invoke(app, ["compare", str(tiny_model_dir), "--budgets", "3.0", "2.5", "--budget-recipe",
+                                   str(base), "-o", str(out), "--max-windows", "2", "--kl-windows", "2",
+                                   "--seqlen", "64", "--quiet"])
+    assert res.exit_code == 0, res.output
+    for b in (3.0, 2.5):
+        row = json.loads((out / "runs" / f"budget-{b}.json").read_text())["result"]
+        assert row["bits_per_weight"] <= b + 1e-9
+        assert (out / "runs" / f"budget-{b}.plan.yaml").read_text().startswith("# lowbit budgeted plan")
+    assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 1  # one measurement, two budgets

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from lowbit.errors import LowbitError
 
-app = typer.Typer(help="lowbit: make language models small (quantize, low-rank correct, fine-tune, prune, evaluate, export).",
+app = typer.Typer(help="lowbit: make language models small (quantize, spend a bit budget per layer, low-rank correct, fine-tune, prune, evaluate, compare, export).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 reference_app = typer.Typer(help="The small reference LLaMA model used by the demo, tests and benches.",
                             no_args_is_help=True)
@@ -76,7 +76,8 @@ def quantize(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model repo (off by default)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
-    """Quantize MODEL block by block and save it to OUT. A killed run resumes when started again."""
+    """Quantize MODEL block by block and save it to OUT (with --budget-bits: per-layer choices planned first,
+    written to OUT/plan.yaml). A killed run resumes when started again."""
     from lowbit.jobs import quantize_job
     from lowbit.recipe import Recipe, load_recipe, merge
 

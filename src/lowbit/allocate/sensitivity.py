@@ -31,9 +31,10 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_write_text
-from lowbit.methods import MethodConfig, StatsAccumulator, parse_method_config, quantize_weight
+from lowbit.methods import MethodConfig, parse_method_config, quantize_weight
 from lowbit.methods.lqer import lqer
 from lowbit.models.adapters import layer_weight
+from lowbit.pipeline.collect import collect_stats, forward_batches
 from lowbit.progress import OptionalProgress
 
 
@@ -75,23 +76,6 @@ def _mean_kl(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor], b
             total += float(kl.double().sum())
             n += kl.numel()
     return max(total / n, 0.0)
-
-
-def collect_stats(model: nn.Module, names: list[str], calib: torch.Tensor, batch_size: int) -> dict:
-    """Input statistics (Hessian, mean|x|) of every named linear of the full-precision model, one pass."""
-    accs, handles = {}, []
-    for name in names:
-        mod = model.get_submodule(name)
-        accs[name] = StatsAccumulator(layer_weight(mod).shape[1])
-        handles.append(mod.register_forward_pre_hook(lambda m, a, acc=accs[name]: acc.add(a[0].detach())))
-    try:
-        with torch.inference_mode():
-            for i in range(0, calib.shape[0], batch_size):
-                model(input_ids=calib[i:i + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: a.result() for n, a in accs.items()}
 
 
 def _fingerprint(model: nn.Module, names, base: MethodConfig, options, calib, n_samples) -> str:
@@ -238,9 +222,7 @@ class _Blocks:
             lambda m, a, k, i=i: self.inputs[i].append((a[0] if a else k["hidden_states"]).detach().clone()),
             with_kwargs=True) for i, blk in enumerate(self.blocks)]
         try:
-            with torch.inference_mode():
-                for i in range(0, windows.shape[0], batch_size):
-                    model(input_ids=windows[i:i + batch_size], use_cache=False)
+            forward_batches(model, windows, batch_size)
         finally:
             for h in hooks:
                 h.remove()

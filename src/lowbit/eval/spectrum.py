@@ -20,7 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods.config import RTNConfig
 from lowbit.methods.lqer import diagonal_scale
 from lowbit.methods.rtn import rtn_quantize
-from lowbit.methods.stats import StatsAccumulator
+from lowbit.pipeline.collect import collect_stats
 from lowbit.models.adapters import get_adapter, layer_weight
 
 
@@ -38,19 +38,9 @@ def selected_layers(model: nn.Module, pattern: str | None) -> list[str]:
     return names
 
 
-@torch.no_grad()
 def activation_stats(model: nn.Module, names: list[str], calib: torch.Tensor, batch_size: int = 8) -> dict:
     """Per layer: LayerStats (mean|x| statistics only) from forward passes of the unquantized model."""
-    accs = {n: StatsAccumulator(layer_weight(model.get_submodule(n)).shape[1], hessian=False) for n in names}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda m, inp, out, n=n: accs[n].add(inp[0].detach())) for n in names]
-    try:
-        for i in range(0, calib.shape[0], batch_size):
-            model(input_ids=calib[i:i + batch_size], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: a.result() for n, a in accs.items()}
+    return collect_stats(model, names, calib, batch_size, hessian=False)
 
 
 def layer_spectra(model: nn.Module, names: list[str], stats: dict, bits: int, group_size: int,
