@@ -3,10 +3,8 @@ giving one clear line and a non-zero exit with nothing half-written."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lowbit.cli import app
+from helpers import tree_hash, assert_clean_error
 
 runner = CliRunner()
 
@@ -22,21 +21,8 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def tree_hash(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(d).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
-def assert_clean_error(res, *needles):
-    assert res.exit_code == 2, res.output
-    lines = [l for l in res.output.strip().splitlines() if l.strip()]
-    assert lines and lines[-1].startswith("lowbit: error:"), res.output
-    for n in needles:
-        assert n in res.output, res.output
 
 
 GPTQ_ARGS = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--calib-samples", "8",

@@ -5,7 +5,6 @@ a killed comparison loses only the run in progress, and bad input is one clear l
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
 import re
@@ -26,6 +25,7 @@ from lowbit.eval.report import fmt
 from lowbit.io.native import load_model
 from lowbit.jobs import eval_job, wikitext2_windows
 from lowbit.recipe import make_recipe
+from helpers import tree_hash, assert_clean_error
 
 runner = CliRunner()
 EVAL = ["--seqlen", "64", "--max-windows", "8", "--kl-windows", "4"]
@@ -46,20 +46,8 @@ def write_recipes(d: Path, recipes: dict[str, str]) -> list[Path]:
     return [d / f"{name}.yaml" for name in recipes]
 
 
-def tree_hash(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(d).as_posix().encode() + p.read_bytes())
-    return h.hexdigest()
 
 
-def assert_clean_error(res, *needles):
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.strip().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("lowbit: error:"), res.output
-    for n in needles:
-        assert n in res.output, res.output
 
 
 def md_rows(md: str) -> dict[str, list[str]]:

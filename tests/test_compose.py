@@ -23,6 +23,7 @@ from lowbit.methods import parse_method_config, quantize_weight
 from lowbit.methods.stats import StatsAccumulator
 from lowbit.pipeline.stages import FinetuneStageConfig, bit_counts, check_finetune, finetune_stage, keep_teacher
 from lowbit.qat.codebook_tuning import CodebookTuneLinear
+from helpers import tree_hash
 
 runner = CliRunner()
 CALIB = {"n_samples": 8, "seqlen": 64, "seed": 0}
@@ -32,15 +33,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def tree_hash(d):
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(d).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- prune

@@ -17,6 +17,7 @@ from lowbit.cli import app
 from lowbit.errors import LowbitError
 from lowbit.prune.cnn import find_chains, prune_cnn
 from lowbit.prune.config import PruneConfig
+from helpers import assert_clean_error
 
 runner = CliRunner()
 
@@ -137,11 +138,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_clean_error(res, *needles):
-    assert res.exit_code == 2, res.output
-    assert res.output.strip().splitlines()[-1].startswith("lowbit: error:"), res.output
-    for n in needles:
-        assert n in res.output, res.output
 
 
 def _logits(model, ids):
