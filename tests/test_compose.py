@@ -21,7 +21,8 @@ from lowbit.formats.codebook import CodebookGrid
 from lowbit.formats.quantized_weight import QuantizedWeight, UniformGrid
 from lowbit.methods import parse_method_config, quantize_weight
 from lowbit.methods.stats import StatsAccumulator
-from lowbit.pipeline.stages import FinetuneStageConfig, bit_counts, check_finetune, finetune_stage, keep_teacher
+from lowbit.formats.quantized_weight import bit_counts
+from lowbit.pipeline.stages import FinetuneStageConfig, check_finetune, finetune_stage, keep_teacher
 from lowbit.qat.codebook_tuning import CodebookTuneLinear
 from helpers import tree_hash
 
@@ -68,7 +69,8 @@ def test_prune_then_quantize_round_trip(tiny_model_dir, tmp_path):
     assert info["summary"]["bits_per_weight"] == pytest.approx(bits / sum(orig.values()), rel=1e-12)
     kept = sum(math.prod(m.qweight.shape) for m in qls.values())
     assert info["summary"]["bits_per_stored_weight"] == pytest.approx(bits / kept, rel=1e-12)
-    assert qc["bits_per_weight"] == pytest.approx(bits / kept, rel=1e-12)  # the format's own (kept) count
+    assert qc["bits_per_weight"] == pytest.approx(bits / sum(orig.values()), rel=1e-12)  # config.json agrees
+    assert qc["bits_per_stored_weight"] == pytest.approx(bits / kept, rel=1e-12)
     assert info["summary"]["bits_per_weight"] < info["summary"]["bits_per_stored_weight"]
     assert info["prune"]["original_shapes"]["model.layers.0.mlp.down_proj"] == [base.config.hidden_size, n]
 
@@ -307,4 +309,6 @@ def test_job_prune_quantize_finetune(tiny_model_dir, tmp_path):
     assert mlp_kept == round(0.75 * orig)
     assert s["bits_per_weight"] == bit_counts(qweights, prov["prune"]["original_shapes"])["bits_per_weight"]
     assert s["bits_per_weight"] < s["bits_per_stored_weight"]
+    qc = info["quantization_config"]  # config.json says the same as the summary (exporters read it)
+    assert qc["bits_per_weight"] == s["bits_per_weight"] and qc["bits_per_stored_weight"] == s["bits_per_stored_weight"]
     assert all(isinstance(q.grid, CodebookGrid) for q in qweights.values())

@@ -40,6 +40,7 @@ def checkpoint_dir_for(out: Path) -> Path:
 def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str | None = None,
                  overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False) -> dict:
     """Load, calibrate, quantize block by block, save atomically. Returns a summary dict."""
+    from lowbit.formats.quantized_weight import bit_counts
     from lowbit.io.native import load_model, save_quantized
     from lowbit.methods import needs_calibration
     from lowbit.pipeline import stages
@@ -73,7 +74,7 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     summary = {
         "method": recipe.quant.method,
         # over the ORIGINAL element count (a pruned channel stores nothing); bits_per_stored_weight: kept ones
-        **{k: v for k, v in stages.bit_counts(result.qweights, pruned and pruned["original_shapes"]).items()
+        **{k: v for k, v in bit_counts(result.qweights, pruned and pruned["original_shapes"]).items()
            if k.startswith("bits_per")},
         "quantize_seconds": seconds,
         "peak_memory_mb": result.peak_memory_mb,
@@ -85,7 +86,7 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
         extra={"source_model": str(model_path), "summary": summary,
                "layers": [r.as_dict() for r in result.records],
                **({"prune": pruned} if pruned else {}), **({"finetune": tuned} if tuned else {})},
-        overwrite=overwrite,
+        overwrite=overwrite, original_shapes=pruned and pruned["original_shapes"],
     )
     for name, text in plan_files.items():
         atomic_write_text(out / name, text)

@@ -402,3 +402,17 @@ class QuantizedWeight:
                  and A.shape[1] == B.shape[0], f"low-rank A {tuple(A.shape)}, B {tuple(B.shape)} for {self.shape}")
             bad = self.lowrank.check()
             need(bad is None, bad)
+
+
+def bit_counts(qweights: dict[str, QuantizedWeight], original_shapes: dict | None = None) -> dict:
+    """Every stored bit of a model's quantized layers over their ORIGINAL element count (`original_shapes`
+    name → [out, in] before structured pruning; a pruned channel stores nothing) and over the stored one."""
+    import math
+
+    bits = sum(sum(q.storage().values()) for q in qweights.values())
+    stored = sum(q.shape[0] * q.shape[1] for q in qweights.values())
+    orig = sum(math.prod((original_shapes or {}).get(n, q.shape)) for n, q in qweights.items())
+    return {"bits_per_weight": bits / orig if orig else 0.0,
+            "bits_per_stored_weight": bits / stored if stored else 0.0,
+            "stored_bits": bits, "original_params": orig, "stored_params": stored}
+

@@ -24,7 +24,7 @@ from torch import nn
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.formats.quantized_weight import QuantizedWeight
+from lowbit.formats.quantized_weight import QuantizedWeight, bit_counts
 from lowbit.io.atomic import atomic_dir
 
 FORMAT_VERSION = 1
@@ -58,21 +58,26 @@ def plain_state(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor
     return out
 
 
-def _quant_config(qweights: dict[str, QuantizedWeight], recipe: dict | None) -> dict:
+def _quant_config(qweights: dict[str, QuantizedWeight], recipe: dict | None,
+                  original_shapes: dict | None = None) -> dict:
     recipe = recipe or {}
     method_cfg = recipe.get("quant", recipe)  # a full Recipe dump, or a bare method config
-    n_params = sum(q.shape[0] * q.shape[1] for q in qweights.values())
-    n_bits = sum(sum(q.storage().values()) for q in qweights.values())
-    return {
+    counts = bit_counts(qweights, original_shapes)
+    out = {
         "quant_method": "lowbit",
         "format_version": FORMAT_VERSION,
         "method": method_cfg.get("method"),
         "config": method_cfg,
         "layers": {name: q.to_state()[1] for name, q in qweights.items()},
-        # Every stored bit (codes, scales, zeros, outliers, low-rank) over every quantized weight.
-        "bits_per_weight": n_bits / n_params if n_params else 0.0,
-        "total_quantized_params": n_params,
+        # Every stored bit (codes, scales, zeros, outliers, low-rank) over every quantized weight of the
+        # original model: a channel removed by structured pruning stores nothing.
+        "bits_per_weight": counts["bits_per_weight"],
+        "total_quantized_params": counts["stored_params"],
     }
+    if original_shapes:
+        out["bits_per_stored_weight"] = counts["bits_per_stored_weight"]
+        out["original_quantized_params"] = counts["original_params"]
+    return out
 
 
 def _sha256(path: Path) -> str:
@@ -107,13 +112,14 @@ def _check_not_input(model: nn.Module, tokenizer, out: Path) -> None:
 
 def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: str | Path, *,
                    tokenizer=None, recipe: dict | None = None, extra: dict | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, original_shapes: dict | None = None) -> Path:
     """Write `model` with `qweights` replacing the named modules' weights as a native lowbit directory.
 
     `model` may still hold the original modules or already have QuantLinears swapped in. `tokenizer` is
     a tokenizer object or a source directory whose tokenizer files are copied. `recipe` goes to
     lowbit.json (and its `quant` part, or the dict itself, to `quantization_config.config`); the keys of
-    `extra` (source_model, seed, timings, ...) go to the top level of lowbit.json.
+    `extra` (source_model, seed, timings, ...) go to the top level of lowbit.json. `original_shapes`
+    (name → [out, in] before structured pruning) makes bits_per_weight count the original elements.
     """
     out = Path(out_dir)
     _check_not_input(model, tokenizer, out)
@@ -130,7 +136,7 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
                 raise LowbitError(f"tensor name clash: {full} is both a model tensor and a quantized field")
             tensors[full] = t.detach().cpu().contiguous()
     config = json.loads(model.config.to_json_string(use_diff=False))
-    config["quantization_config"] = _quant_config(qweights, recipe)
+    config["quantization_config"] = _quant_config(qweights, recipe, original_shapes)
     for name in qweights:  # a layer's activation format (LQER's W4A8) travels with it
         act = getattr(model.get_submodule(name), "act", None)
         if act is not None:

@@ -79,16 +79,6 @@ def prune_stage(model: nn.Module, cfg, calib: torch.Tensor | None, group_size: i
     return report
 
 
-def bit_counts(qweights: dict[str, QuantizedWeight], original_shapes: dict | None) -> dict:
-    """Stored bits over the original and over the stored element count of the quantized linears."""
-    bits = sum(sum(q.storage().values()) for q in qweights.values())
-    stored = sum(q.shape[0] * q.shape[1] for q in qweights.values())
-    orig = sum(math.prod((original_shapes or {}).get(n, q.shape)) for n, q in qweights.items())
-    return {"bits_per_weight": bits / orig if orig else 0.0,
-            "bits_per_stored_weight": bits / stored if stored else 0.0,
-            "stored_bits": bits, "original_params": orig, "stored_params": stored}
-
-
 # ---------------------------------------------------------------------------------------------- finetune
 
 def check_finetune(cfg: FinetuneStageConfig, qweights: dict[str, QuantizedWeight],
