@@ -103,7 +103,7 @@ def test_sensitivity_is_the_direct_kl_and_restores_the_model(tiny):
     m2.get_submodule(name).weight.data.copy_(qw.dequantize())
     ref = kl_divergence(m2, model, calib[:4], batch_size=4).kl_mean
     assert ref > 1e-5  # far above the float32 noise of KL (~1e-7 here)
-    assert sens.kl[1, o] == pytest.approx(ref, rel=1e-3)
+    assert sens.kl[1, o] == pytest.approx(ref, rel=1e-4)
     assert sens.bits[1, o] == sum(qw.storage().values())
     # the cheapest option of a layer is never dominated, and dominated ones are not usable
     assert np.isfinite(sens.kl[0, int(np.argmin(sens.bits[0]))])
@@ -111,6 +111,9 @@ def test_sensitivity_is_the_direct_kl_and_restores_the_model(tiny):
 
 
 def test_budgeted_quantize_end_to_end(tiny, tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from lowbit.allocate.sensitivity import Sensitivity
     from lowbit.io.native import load_quantized
     from lowbit.jobs import quantize_job
     from lowbit.recipe import load_recipe
@@ -126,6 +129,10 @@ def test_budgeted_quantize_end_to_end(tiny, tiny_model_dir, tmp_path, monkeypatc
     assert s26["bits_per_weight"] <= 2.6 + 1e-9 < s["bits_per_weight"]
     assert list((tmp_path / "cache" / "sensitivity").glob("sensitivity-*.json")) == cached
     assert s["bits_per_weight"] <= 3.0 + 1e-9
+    saved = json.loads((out / "sensitivity.json").read_text())
+    sens = Sensitivity.from_json(saved)  # the saved tables give back the plan's bits
+    plan_bits = sum(sens.bits[i, o] for i, o in enumerate(saved["plan"])) / sum(sens.numel)
+    assert plan_bits == pytest.approx(s["bits_per_weight"], rel=1e-12)
     plan_text = (out / "plan.yaml").read_text()
     assert plan_text.startswith("# lowbit budgeted plan")
     # the plan recipe reproduces the model bit for bit, with no search

@@ -61,7 +61,7 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     teacher = stages.keep_teacher(model, recipe.finetune)
     pruned = (stages.prune_stage(model, recipe.prune, calib, getattr(recipe.quant, "group_size", None))
               if recipe.prune is not None else None)
-    recipe, plan_files = _budget_plan(model, recipe, calib, out, progress)
+    recipe, plan_files = _budget_plan(model, recipe, calib, progress)
     result = quantize_model(
         model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
         overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
@@ -94,7 +94,7 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     return summary
 
 
-def _budget_plan(model, recipe: Recipe, calib, out: Path, progress: bool) -> tuple[Recipe, dict[str, str]]:
+def _budget_plan(model, recipe: Recipe, calib, progress: bool) -> tuple[Recipe, dict[str, str]]:
     """With a budget: measure, solve, and return the plan recipe (what the pipeline then runs and what is
     saved) plus the files that document it (plan.yaml reproduces the run; sensitivity.json the tables)."""
     if recipe.budget is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import yaml
 
 from lowbit.allocate.config import BudgetConfig, describe
@@ -68,22 +67,3 @@ def plan_yaml(plan: Plan, recipe: Recipe) -> str:
     lines += [f"# {r['layer'].ljust(w)}  {r['option'].ljust(18)}  {r['bits_per_weight']:.3f}  {r['kl']:.3e}" for r in rows]
     body = yaml.safe_dump(plan_recipe(plan, recipe).model_dump(mode="json", exclude={"budget"}), sort_keys=False)
     return "\n".join(lines) + "\n" + body
-
-
-def option_summary(plan: Plan) -> dict[str, int]:
-    """How many layers took each option, e.g. {'w3 g64': 10, ...}."""
-    out: dict[str, int] = {}
-    for r in plan.rows():
-        out[r["option"]] = out.get(r["option"], 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
-
-
-def frontier(sens: Sensitivity, budgets: list[float]) -> list[tuple[float, float, float]]:
-    """(budget, achieved bits/weight, predicted KL) along a list of budgets, for reports."""
-    n = sum(sens.numel)
-    out = []
-    for b in budgets:
-        choice = solve_dp(sens.kl, sens.bits, b * n)
-        out.append((b, float(sens.bits[np.arange(len(choice)), choice].sum() / n),
-                    float(sens.kl[np.arange(len(choice)), choice].sum())))
-    return out

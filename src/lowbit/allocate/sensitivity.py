@@ -11,7 +11,7 @@ is fitted on that same base (`lqer`), as `quantize_weight` would.
 
 Two savings keep it to minutes:
 * Options dominated within a layer — another option stores no more bits and has no larger output error
-  tr(ΔHΔᵀ) on the calibration statistics — are not measured (recorded as unusable): the knapsack would
+  tr(ΔHΔᵀ) on the calibration statistics (`methods.stats.output_error`) — are not measured (recorded as unusable): the knapsack would
   only take one if the KL ordering inverted the output-error ordering of the same layer.
 * The forward starts at the layer's block: the full-precision inputs of every block are cached once and
   the blocks before it are skipped (decoder stacks the adapter knows; others run the whole model).
@@ -19,7 +19,6 @@ Two savings keep it to minutes:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.fingerprint import sha, tensor_bytes
 from lowbit.io.atomic import atomic_write_text
 from lowbit.methods import MethodConfig, parse_method_config, quantize_weight
 from lowbit.methods.lqer import lqer
+from lowbit.methods.stats import output_error
 from lowbit.models.adapters import layer_weight
-from lowbit.pipeline.collect import collect_stats, forward_batches
+from lowbit.pipeline.collect import collect_stats
 from lowbit.progress import OptionalProgress
 
 
@@ -58,12 +59,6 @@ class Sensitivity:
         return cls(d["layers"], d["numel"], d["options"], arr(d["kl"]), arr(d["bits"]), d.get("meta", {}))
 
 
-def _log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    with torch.inference_mode():
-        return [F.log_softmax(model(input_ids=windows[i:i + batch_size], use_cache=False).logits.float(), -1)
-                for i in range(0, windows.shape[0], batch_size)]
-
-
 def _mean_kl(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor], batch_size: int,
              start: "_FromBlock | None" = None) -> float:
     total, n = 0.0, 0
@@ -79,12 +74,8 @@ def _mean_kl(model: nn.Module, windows: torch.Tensor, ref: list[torch.Tensor], b
 
 
 def _fingerprint(model: nn.Module, names, base: MethodConfig, options, calib, n_samples) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([names, base.model_dump(mode="json"), options, n_samples], sort_keys=True).encode())
-    h.update(calib.numpy().tobytes())
-    for n in names:
-        h.update(layer_weight(model.get_submodule(n)).float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    settings = json.dumps([names, base.model_dump(mode="json"), options, n_samples], sort_keys=True).encode()
+    return sha(settings, tensor_bytes(calib), *(tensor_bytes(layer_weight(model.get_submodule(n))) for n in names))[:16]
 
 
 def measure_sensitivity(model: nn.Module, names: list[str], calib: torch.Tensor, base: MethodConfig,
@@ -108,15 +99,19 @@ def measure_sensitivity(model: nn.Module, names: list[str], calib: torch.Tensor,
         except (json.JSONDecodeError, KeyError, TypeError):
             done = {}  # a damaged cache is only lost time: measure again
 
-    stats = collect_stats(model, [n for n in names if n not in done], calib, batch_size) if len(done) < len(names) else {}
-    ref = _log_probs(model, windows, batch_size)
+    todo = [n for n in names if n not in done]
+    stats = collect_stats(model, todo, calib, batch_size) if todo else {}
     configs = [parse_method_config({**base.model_dump(), **o}) for o in options]
-    blocks = _Blocks(model, windows, batch_size)
+    ref = _Reference(model, windows, batch_size) if todo else None
     with _Bar(progress, len(names) * len(options)) as bar:
         for name in names:
+            if name in done:
+                bar.advance(len(options))
+                continue
             mod = model.get_submodule(name)  # before the decoder stack is cut short
-            with blocks.start_at(name) as start:
-                _measure_layer(model, mod, name, stats, configs, windows, ref, batch_size, bar, done, start)
+            with ref.start_at(name) as start:
+                _measure_layer(model, mod, name, stats[name], configs, windows, ref.log_probs, batch_size, bar,
+                               done, start)
             if cache:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(cache, json.dumps({"key": key, "rows": done}))
@@ -132,12 +127,6 @@ def _set_weight(mod: nn.Module, W: torch.Tensor) -> None:
     mod.weight.data.copy_(W if isinstance(mod, nn.Linear) else W.T)
 
 
-def _output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(ΔHΔᵀ) = (2/N)·‖XΔᵀ‖²_F: the layer's own output error, used only to skip dominated options."""
-    D = (W - Wq).double()
-    return float(((D @ H.double()) * D).sum())
-
-
 def _dominated(bits: list[float | None], err: list[float | None]) -> list[bool]:
     """True where another option has ≤ bits and ≤ error, one of them strictly (ties: the later index)."""
     out = []
@@ -149,30 +138,31 @@ def _dominated(bits: list[float | None], err: list[float | None]) -> list[bool]:
 
 
 def _measure_layer(model, mod, name, stats, configs, windows, ref, batch_size, bar, done, start) -> None:
-    if name in done:
-        bar.advance(len(configs))
-        return
     W = layer_weight(mod).float().clone()
     bases: dict[str, object] = {}  # one base grid per (bits, group size, outliers): ranks share it
-    qws = []
+    Wqs, bits_row, err = [], [], []
     for cfg in configs:
         bkey = json.dumps(cfg.model_dump(mode="json", exclude={"lqer"}), sort_keys=True)
         try:
             if bkey not in bases:
-                bases[bkey] = quantize_weight(W, stats[name], cfg.model_copy(update={"lqer": None}))
-            qws.append(bases[bkey] if cfg.lqer is None else lqer(bases[bkey], W, stats[name], cfg.lqer))
+                bases[bkey] = quantize_weight(W, stats, cfg.model_copy(update={"lqer": None}))
+            q = bases[bkey] if cfg.lqer is None else lqer(bases[bkey], W, stats, cfg.lqer)
         except LowbitError:  # e.g. a group size that does not divide this layer's inputs
-            qws.append(None)
-    bits_row = [None if q is None else float(sum(q.storage().values())) for q in qws]
-    err = [None if q is None else _output_error(W, q.dequantize(), stats[name].hessian) for q in qws]
+            Wqs.append(None)
+            bits_row.append(None)
+            err.append(None)
+            continue
+        Wqs.append(q.dequantize())
+        bits_row.append(float(sum(q.storage().values())))
+        err.append(float(output_error(W.double() - Wqs[-1].double(), stats.hessian.double())))
     skip = _dominated(bits_row, err)
     kl_row: list[float | None] = []
     try:
-        for q, dominated in zip(qws, skip):
+        for Wq, dominated in zip(Wqs, skip):
             if dominated:
                 kl_row.append(None)
             else:
-                _set_weight(mod, q.dequantize())
+                _set_weight(mod, Wq)
                 kl_row.append(_mean_kl(model, windows, ref, batch_size, start))
             bar.advance(1)
     finally:
@@ -204,25 +194,29 @@ class _FromBlock:
         setattr(self.parent, self.attr, self.blocks)
 
 
-class _Blocks:
-    """The fp inputs of every decoder block on the sensitivity windows, and `start_at(layer)`."""
+class _Reference:
+    """One full-precision pass over the sensitivity windows: the reference log-probabilities, and the
+    inputs of every decoder block for `start_at(layer)`."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int):
         from lowbit.models.adapters import get_adapter
 
         self.prefix = get_adapter(model).blocks_prefix(model)
         self.inputs: list[list[torch.Tensor]] = []
-        if self.prefix is None:
-            return
-        self.blocks = model.get_submodule(self.prefix)
-        parent, _, self.attr = self.prefix.rpartition(".")
-        self.parent = model.get_submodule(parent) if parent else model
-        self.inputs = [[] for _ in self.blocks]
-        hooks = [blk.register_forward_pre_hook(
-            lambda m, a, k, i=i: self.inputs[i].append((a[0] if a else k["hidden_states"]).detach().clone()),
-            with_kwargs=True) for i, blk in enumerate(self.blocks)]
+        hooks = []
+        if self.prefix is not None:
+            self.blocks = model.get_submodule(self.prefix)
+            parent, _, self.attr = self.prefix.rpartition(".")
+            self.parent = model.get_submodule(parent) if parent else model
+            self.inputs = [[] for _ in self.blocks]
+            hooks = [blk.register_forward_pre_hook(
+                lambda m, a, k, i=i: self.inputs[i].append((a[0] if a else k["hidden_states"]).detach().clone()),
+                with_kwargs=True) for i, blk in enumerate(self.blocks)]
         try:
-            forward_batches(model, windows, batch_size)
+            with torch.inference_mode():
+                self.log_probs = [
+                    F.log_softmax(model(input_ids=windows[i:i + batch_size], use_cache=False).logits.float(), -1)
+                    for i in range(0, windows.shape[0], batch_size)]
         finally:
             for h in hooks:
                 h.remove()

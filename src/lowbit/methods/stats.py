@@ -27,6 +27,12 @@ class LayerStats:
     act_mean_abs_max: torch.Tensor | None = None
 
 
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """tr(Δ H Δᵀ) for a weight change Δ [out, in]: with H = (2/N)·XᵀX it is (2/N)·‖XΔᵀ‖²_F, the layer's
+    output error on the calibration inputs, from the statistics alone."""
+    return ((delta @ hessian) * delta).sum()
+
+
 class StatsAccumulator:
     """Running H = (2/N) Σ xxᵀ, mean|x| and the max over `add` calls of the per-call mean|x|, in float32,
     updated batch by batch (as the GPTQ reference; each `add` is one calibration batch)."""

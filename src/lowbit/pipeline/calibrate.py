@@ -19,7 +19,6 @@ uninterrupted one because the saved block inputs are exactly the float32 tensors
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -34,9 +33,11 @@ from torch import nn
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.fingerprint import sha, tensor_bytes
 from lowbit.progress import OptionalProgress, peak_memory_mb
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods import MethodConfig, StatsAccumulator, needs_calibration, quantize_weight
+from lowbit.methods.stats import output_error
 from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
 from lowbit.models.swap import make_quant_linear, swap_in
 from lowbit.nn.quant_linear import QuantLinear, replace_module
@@ -119,9 +120,7 @@ def _run(block: nn.Module, hidden: torch.Tensor, ctx: tuple[tuple, dict]) -> Any
 
 def _relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float | None:
     """‖X(W−Ŵ)ᵀ‖_F / ‖XWᵀ‖_F from H = (2/N) XᵀX alone: ‖XΔᵀ‖²_F = (N/2)·tr(Δ H Δᵀ), N/2 cancels."""
-    D = W - Wq
-    num = ((D @ H) * D).sum()
-    den = ((W @ H) * W).sum()
+    num, den = output_error(W - Wq, H), output_error(W, H)
     return float((num / den).clamp_min(0).sqrt()) if den > 0 else None
 
 
@@ -408,18 +407,6 @@ def _advance(block: nn.Module, hidden: list, ctxs: list) -> None:
 # ---- resume
 
 
-def _sha(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()[:32]
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return str((tuple(t.shape), t.dtype)).encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _fingerprint(model, plan: LayerPlan, configs, calib, batch_size: int, measure: bool) -> dict[str, str]:
     """What a checkpoint depends on, hashed per part so a refusal can say which part changed."""
     settings = {"config": plan.base.model_dump(), "include": plan.include, "ignore": plan.ignore,
@@ -429,11 +416,11 @@ def _fingerprint(model, plan: LayerPlan, configs, calib, batch_size: int, measur
     model_desc = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else str(model)
     first, last = next(iter(configs)), list(configs)[-1]
     return {
-        "settings": _sha(json.dumps(settings, sort_keys=True, default=str).encode()),
-        "calibration": _sha(b"none" if calib is None else _tensor_bytes(calib)),
-        "model": _sha(type(model).__name__.encode(), model_desc.encode(),
-                      _tensor_bytes(layer_weight(model.get_submodule(first))),
-                      _tensor_bytes(layer_weight(model.get_submodule(last)))),
+        "settings": sha(json.dumps(settings, sort_keys=True, default=str).encode()),
+        "calibration": sha(b"none" if calib is None else tensor_bytes(calib)),
+        "model": sha(type(model).__name__.encode(), model_desc.encode(),
+                      tensor_bytes(layer_weight(model.get_submodule(first))),
+                      tensor_bytes(layer_weight(model.get_submodule(last)))),
     }
 
 
