@@ -113,20 +113,21 @@ def model_runs(ref: Path, names: list[str], max_windows: int, kl_windows: int, d
         (cache_dir / f"{key}.json").write_text(json.dumps(row, indent=1))
 
     base_model, tok = load_model(str(ref))
-    key = f"fp32-{max_windows}-{kl_windows}"
+    model_id = ref.name  # reference-<config hash>: rows of another reference model are never reused
+    key = f"{model_id}-fp32-{max_windows}-{kl_windows}"
     if cached(key) is None:
         ev = eval_job(str(ref), model=base_model, tokenizer=tok, data=data, max_windows=max_windows, progress=False)
         store(key, {"run": "fp32", "bits_per_weight": 32.0, "ppl": ev["ppl"], "kl": 0.0, "top1_agreement": 1.0,
                     "protocol": {k: ev[k] for k in ("seqlen", "n_windows", "n_tokens")}})
     rows = [cached(key)]
     for name in names:
-        key = f"{name}-{max_windows}-{kl_windows}"
+        key = f"{model_id}-{name}-{max_windows}-{kl_windows}"
         if cached(key) is not None:
             rows.append(cached(key))
             continue
         if cached_only:
             continue
-        out = WORK / "models" / name
+        out = WORK / "models" / model_id / name
         cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(ref), "-o", str(out), *RUNS[name],
                "--overwrite", "--quiet"] + (["--data", data] if data else [])
         print(f"== {name}: {' '.join(RUNS[name])}", flush=True)
@@ -203,6 +204,29 @@ def kmeans_speed(ref: Path, n_cols: int = 48) -> list[dict]:
     return rows
 
 
+def replace_kmeans_table(km_rows: list[dict], note: str) -> None:
+    """Put the k-means table (and its JSON rows) into the committed results, replacing an earlier one and
+    leaving every other section."""
+    from lowbit.eval.report import results_table
+
+    path = RESULTS / "claq.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["kmeans"] = km_rows
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md = RESULTS / "claq.md"
+    lines = md.read_text().rstrip("\n").split("\n") if md.exists() else []
+    table = results_table(km_rows, list(km_rows[0]))[0].rstrip("\n").split("\n")
+    if "## k-means speed" in lines:
+        start = end = lines.index("## k-means speed") + 2
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        lines[start:end] = table
+    else:
+        lines += ["", "## k-means speed", ""] + table + ([""] + [note] if note else [])
+    md.write_text("\n".join(lines) + "\n")
+    print("\n".join(table))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-windows", type=int, default=128)
@@ -210,6 +234,8 @@ def main():
     ap.add_argument("--only", nargs="*", default=None, help="run names (default: all)")
     ap.add_argument("--skip-kmeans", action="store_true")
     ap.add_argument("--skip-models", action="store_true")
+    ap.add_argument("--kmeans-only", action="store_true",
+                    help="re-measure the k-means speed table only and replace it in claq.{md,json}, keeping the rest")
     ap.add_argument("--cached-only", action="store_true", help="tabulate finished runs only (no new runs)")
     ap.add_argument("--no-write", action="store_true", help="run (and cache) only; do not write results")
     ap.add_argument("--data", default=None)
@@ -223,6 +249,9 @@ def main():
     if not (ref / "training.json").is_file():
         raise SystemExit(f"the reference model {ref} is not built; run `lowbit reference build` first")
     old = json.loads((RESULTS / "claq.json").read_text()) if (RESULTS / "claq.json").exists() else {}
+    if a.kmeans_only:
+        replace_kmeans_table(kmeans_speed(ref), a.extra_note)
+        return
     km_rows = old.get("kmeans", []) if a.skip_kmeans else kmeans_speed(ref)
     names = a.only or list(RUNS)
     rows = old.get("rows", []) if a.skip_models else model_runs(ref, names, a.max_windows, a.kl_windows, a.data,

@@ -11,8 +11,8 @@ Parts (each row is one quantization of the reference model, then evaluation):
   so that rows at matched bits exist;
 * svd: full vs randomized SVD of a 4096×11008 MXINT4 error matrix (rank 32), seconds and error ratio.
 
-Resumable: every finished row is kept in results/.lqer-runs.json (keyed by its settings); a rerun
-skips them. Tables are written to results/lqer.{md,json} after every row.
+Resumable: every finished row is kept in results/.lqer-runs.json (keyed by its settings and the model);
+a rerun skips them. Tables are written to results/lqer.{md,json} after every row.
 """
 
 from __future__ import annotations
@@ -172,7 +172,11 @@ def main() -> None:
     if a.out:
         RESULTS = Path(a.out)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    PROTOCOL.update(ppl=a.ppl_windows, kl=a.kl_windows, calib=a.calib_samples)
+    from lowbit.reference import reference_path
+
+    ref = Path(a.model) if a.model else reference_path()
+    # the model directory's name (reference-<config hash>) is in every row's key: rows of another model are never reused
+    PROTOCOL.update(model=ref.resolve().name, ppl=a.ppl_windows, kl=a.kl_windows, calib=a.calib_samples)
     cache = load_cache()
     save = lambda: atomic_write_text(cache_path(), json.dumps(cache, indent=1))  # noqa: E731
     if a.part in ("svd", "all") and "svd:" not in cache:
@@ -185,10 +189,8 @@ def main() -> None:
         from lowbit.methods import parse_method_config
         from lowbit.pipeline.calibrate import quantize_model
         from lowbit.recipe import make_recipe
-        from lowbit.reference import reference_path
 
         torch.set_num_threads(1)
-        ref = Path(a.model) if a.model else reference_path()
         if not (ref / "config.json").exists():
             raise SystemExit(f"{ref} has no model: build the reference first (lowbit reference build)")
         base, tok = load_model(str(ref))

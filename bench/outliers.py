@@ -68,9 +68,10 @@ def main(a) -> list[dict]:
     rows_dir = WORK / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     base_model, tok = load_model(ref)
+    model_id = Path(ref).name  # reference-<config hash>: rows of another reference model are never reused
     tag = f"{a.max_windows}-{a.kl_windows}-{a.calib_samples}"
     rows = []
-    fp = rows_dir / f"fp32-{tag}.json"
+    fp = rows_dir / f"{model_id}-fp32-{tag}.json"
     if not fp.exists():
         ev = eval_job(ref, model=base_model, tokenizer=tok, data=a.data, max_windows=a.max_windows, progress=False)
         fp.write_text(json.dumps({"run": "fp32", "bits_per_weight": 32.0, "outlier_bits": 0.0, "ppl": ev["ppl"],
@@ -79,11 +80,11 @@ def main(a) -> list[dict]:
     for name, q in RUNS.items():
         if a.only and name not in a.only:
             continue
-        f = rows_dir / f"{name}-{tag}.json"
+        f = rows_dir / f"{model_id}-{name}-{tag}.json"
         if f.exists():
             rows.append(json.loads(f.read_text()))
             continue
-        out = WORK / "models" / name
+        out = WORK / "models" / model_id / name
         recipe = make_recipe({"quant": q, "calibration": {"n_samples": a.calib_samples}})
         t0 = time.perf_counter()
         quantize_job(ref, out, recipe, data=a.data, overwrite=True, progress=False)

@@ -47,7 +47,9 @@ def _run(cmd: list[str]) -> None:
 def _merge(path: Path, rows: list[dict], key) -> list[dict]:
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     new_keys = {key(r) for r in rows}
-    return [r for r in old if key(r) not in new_keys] + rows
+    # rows of another model (none recorded: measured before rows carried it) are dropped, never mixed in one table
+    models = {r.get("model") for r in rows}
+    return [r for r in old if key(r) not in new_keys and r.get("model") in models] + rows
 
 
 def quality(a) -> None:
@@ -61,7 +63,8 @@ def quality(a) -> None:
 
     ref = str(build_reference())
     base, tok = load_model(ref)
-    work = Path(a.work)
+    model_id = Path(ref).name  # reference-<config hash>: outputs and rows of another reference model are never reused
+    work = Path(a.work) / model_id
     rows = []
 
     def evaluate(out: Path) -> dict:
@@ -102,7 +105,7 @@ def quality(a) -> None:
                 row = {"method": label, "bits": bits, "group_size": g, "bits_per_weight": bpw, "steps": a.steps,
                        "train_seconds": s["train_seconds"], "peak_memory_mb": s["peak_memory_mb"],
                        "loss": a.loss, "rank": a.rank}
-            row.update(evaluate(out))
+            row.update(evaluate(out), model=model_id)
             print(row, flush=True)
             rows.append(row)
             _save([row], a)
@@ -136,7 +139,7 @@ NOTE_SETTINGS = {"steps": 100, "batch_size": 4, "loss": "kd", "ppl_windows": 256
 
 def _save(rows: list[dict], a) -> None:
     """Merge `rows` into bench/results/qat.{json,md} under a lock (several bench processes may finish at once).
-    A row is keyed by (method label, bits, group size, rank, loss); the note is `NOTE`."""
+    A row is keyed by (model, method label, bits, group size, rank, loss); the note is `NOTE`."""
     order = a.order
     differ = {k: getattr(a, k) for k, v in NOTE_SETTINGS.items() if getattr(a, k) != v}
     stem, note = ("qat", NOTE) if not differ else ("qat_custom", f"{NOTE} NOT the settings of these rows: {differ}.")
@@ -148,7 +151,8 @@ def _save(rows: list[dict], a) -> None:
     lock = os.open(RESULTS, os.O_RDONLY)  # flock on the directory: no lock file left in the tree
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        key = lambda r: (r["method"], r["bits"], r["group_size"], r.get("rank"), r.get("loss"))  # noqa: E731
+        key = lambda r: (r.get("model"), r["method"], r["bits"], r["group_size"],  # noqa: E731
+                         r.get("rank"), r.get("loss"))
         path = RESULTS / f"{stem}.json"
         merged = _merge(path, rows, key)
         first = lambda r: order.index(r["method"].split()[0]) if r["method"].split()[0] in order else 99  # noqa: E731

@@ -15,7 +15,7 @@ matrix's columns / rows (i.i.d. entries: unbiased MSE, same R); `--sample 0` qua
 
 Writes results/rd.{md,json} (a table per source), results/rd-layers.{md,json} (per layer) and
 results/rd.png (SQNR vs R with the bound). Resumable: every finished (source, quantizer, bits) is kept in
-results/.rd-runs.json; a rerun only computes what is missing.
+results/.rd-runs.json (the reference model's source is its directory name); a rerun only computes what is missing.
 """
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ def save_cache(cache: dict) -> None:
 
 def key(source: str, cfg: dict) -> str:
     return json.dumps({"source": source, "cfg": cfg}, sort_keys=True)
+
+
+def model_source() -> str:
+    """Cache-key source of the reference-model rows: its directory name (reference-<config hash>), so rows
+    of another reference model are never reused. The Gaussian rows do not depend on it."""
+    from lowbit.reference import reference_path
+
+    return reference_path().name
 
 
 def gaussian_matrix(size: int, seed: int) -> torch.Tensor:
@@ -148,10 +156,10 @@ def run_gaussian(fams: dict, a, cache: dict) -> None:
 
 
 def run_model(fams: dict, cache: dict) -> None:
-    layers = None
+    layers, src = None, model_source()
     for label, f in fams.items():
         for b in BITS:
-            k = key("reference", f(b))
+            k = key(src, f(b))
             if k in cache:
                 continue
             layers = layers or model_layers()
@@ -248,11 +256,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_all(cache: dict, fams: dict, a, have_hqq: bool) -> None:
-    rows, layers = [], []
+    rows, layers, msrc = [], [], model_source()
     for gaussian in (True, False):
         for label, f in fams.items():
             for b in BITS:
-                r = cache.get(key(gaussian_source(label, a) if gaussian else "reference", f(b)))
+                r = cache.get(key(gaussian_source(label, a) if gaussian else msrc, f(b)))
                 if r is None:
                     continue
                 rows.append({c: r[c] for c in COLUMNS})

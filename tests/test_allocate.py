@@ -58,6 +58,15 @@ def test_budget_config_options_and_validation():
     assert len(opts) == 2 * 2 * 2
     assert {describe(o) for o in opts} >= {"w2 pc", "w3 g128 r8"}
     assert len(cfg.options("claq")) == 2 * 1 * 2  # codebooks: no group size to choose
+    # whole method configs as further options: validated, the carried-over keys made explicit
+    m = BudgetConfig(bits_per_weight=3.0, bits=[3], group_sizes=[128], ranks=[0],
+                     methods=[{"method": "claq", "bits": 3, "codebook_bits": 8}])
+    opts = m.options("gptq")
+    assert len(opts) == 2 and opts[-1]["method"] == "claq" and opts[-1]["group_size"] == -1
+    assert describe(opts[-1]) == "claq w3 pc cb8"
+    for bad in ({"bits": 3}, {"method": "claq", "bits": 3, "group_size": 128}, {"method": "nope"}):
+        with pytest.raises(ValueError):
+            BudgetConfig(bits_per_weight=3.0, methods=[bad])
     with pytest.raises(ValueError):
         BudgetConfig(bits_per_weight=3.0, bits=[9])
     with pytest.raises(ValueError):
@@ -108,6 +117,48 @@ def test_sensitivity_is_the_direct_kl_and_restores_the_model(tiny):
     # the cheapest option of a layer is never dominated, and dominated ones are not usable
     assert np.isfinite(sens.kl[0, int(np.argmin(sens.bits[0]))])
     assert (np.isfinite(sens.kl) == np.isfinite(sens.bits)).all()
+
+
+def test_method_options_are_measured_and_planned(tiny, tiny_model_dir, tmp_path, monkeypatch):
+    """A `methods` option (CLAQ on a GPTQ base) is measured like a grid option — its cell is the direct KL of
+    the layer quantized by that method — and a plan that picks it is written and reproduced as an override."""
+    from lowbit.allocate.job import target_layers
+    from lowbit.allocate.sensitivity import measure_sensitivity
+    from lowbit.eval.kl import kl_divergence
+    from lowbit.io.native import load_quantized
+    from lowbit.jobs import quantize_job
+    from lowbit.methods import parse_method_config, quantize_weight
+    from lowbit.pipeline.collect import collect_stats
+    from lowbit.recipe import load_recipe
+
+    model, _, r, calib = tiny
+    claq = {"method": "claq", "bits": 2, "codebook_bits": 8}
+    budget = r.budget.model_copy(update={"bits": [3], "group_sizes": [32], "ranks": [0]})
+    budget = type(budget).model_validate({**budget.model_dump(), "methods": [claq]})
+    options = budget.options("gptq")
+    name = target_layers(model, r)[-1]
+    sens = measure_sensitivity(model, [name], calib, r.quant, options, n_samples=4, batch_size=4)
+    cfg = parse_method_config(claq)
+    qw = quantize_weight(model.get_submodule(name).weight.detach().float(), collect_stats(model, [name], calib, 4)[name], cfg)
+    m2 = copy.deepcopy(model)
+    m2.get_submodule(name).weight.data.copy_(qw.dequantize())
+    assert sens.kl[0, -1] == pytest.approx(kl_divergence(m2, model, calib[:4], batch_size=4).kl_mean, rel=1e-4)
+    assert sens.bits[0, -1] == sum(qw.storage().values())
+    # a budget between CLAQ 2-bit and GPTQ 3-bit g32 everywhere: some layers must take the CLAQ option
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    rb = r.model_copy(update={"budget": budget.model_copy(update={"bits_per_weight": 3.0})})
+    out = tmp_path / "q"
+    s = quantize_job(str(tiny_model_dir), out, rb, progress=False)
+    assert s["bits_per_weight"] <= 3.0 + 1e-9
+    plan = load_recipe(out / "plan.yaml")
+    methods = {o.config.get("method", "gptq") for o in plan.overrides}
+    assert methods == {"gptq", "claq"}
+    again = tmp_path / "again"
+    quantize_job(str(tiny_model_dir), again, plan, progress=False)
+    a, b = load_quantized(out)[1], load_quantized(again)[1]
+    for k in a:
+        assert torch.equal(a[k].dequantize(), b[k].dequantize()), k
+    assert {a[k].grid.kind for k in a} >= {"codebook"}
 
 
 def test_budgeted_quantize_end_to_end(tiny, tiny_model_dir, tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ from lowbit.methods.config import LQERConfig
 
 
 class BudgetConfig(BaseModel):
-    """Per layer, one option from bits × group_sizes × ranks × outliers on the recipe's base method.
+    """Per layer, one option from bits × group_sizes × ranks × outliers on the recipe's base method, or
+    one of `methods`: whole method configs offered besides that grid (e.g. CLAQ 3-bit where its
+    codebooks pay off), measured and counted exactly like the grid's options.
 
     bits_per_weight: the budget — every stored bit of every quantized linear (codes, scales, zeros,
     codebooks, outliers, low-rank factors) over their original element count.
@@ -28,6 +30,7 @@ class BudgetConfig(BaseModel):
     ranks: list[int] = Field(default_factory=lambda: [0, 8, 16, 32])
     outliers: list[float] = Field(default_factory=lambda: [0.0])  # fractions of entries kept in fp16
     lqer: LQERConfig = Field(default_factory=LQERConfig)  # the low-rank settings; `rank` comes from `ranks`
+    methods: list[dict] = Field(default_factory=list)  # e.g. [{method: claq, bits: 3, codebook_bits: 8}]
     n_samples: int = Field(16, ge=1)
     batch_size: int = Field(8, ge=1)
     solver: str = Field("dp", pattern="^(dp|lagrangian)$")
@@ -61,8 +64,28 @@ class BudgetConfig(BaseModel):
             raise ValueError(f"budget outlier fractions {v} must lie in [0, 0.5)")
         return sorted(set(v))
 
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[dict]) -> list[dict]:
+        """Validated now, and stored with the keys a method switch would otherwise carry over from the base
+        (bits, group size, symmetry; `models.adapters.merge_config`) made explicit."""
+        from lowbit.errors import LowbitError
+        from lowbit.methods import parse_method_config
+
+        out = []
+        for d in v:
+            if not isinstance(d, dict) or "method" not in d:
+                raise ValueError(f"budget methods: {d!r} must be a method config with a 'method' key")
+            try:
+                full = parse_method_config(d).model_dump(mode="json")
+            except LowbitError as e:
+                raise ValueError(f"budget methods: {e}") from None
+            out.append({**d, **{k: full[k] for k in ("bits", "group_size", "symmetric") if k in full}})
+        return out
+
     def options(self, method: str) -> list[dict]:
-        """Every option as a partial method config (merged over the recipe's `quant`). Codebook methods
+        """Every option as a partial method config (merged over the recipe's `quant` by
+        `models.adapters.merge_config`): the grid on the base method, then `methods`. Codebook methods
         (one codebook per vector) have no group size to choose."""
         groups = [-1] if method in ("claq", "squeezellm") else self.group_sizes
         out = []
@@ -72,13 +95,19 @@ class BudgetConfig(BaseModel):
                 o["outliers"] = f
             o["lqer"] = self.lqer.model_copy(update={"rank": r, "rank_energy": None, "target_bits": None}).model_dump() if r else None
             out.append(o)
-        return out
+        return out + [dict(m) for m in self.methods]
+
+
+_SHORT = {"codebook_bits": "cb", "target_bits": "ap", "row_scale": "rs-", "outliers": "or-"}
 
 
 def describe(option: dict) -> str:
-    """A short label: 'w3 g128 r16 o0.5%'."""
+    """A short label: 'w3 g128 r16 o0.5%', or for a method option 'claq w3 pc cb8'."""
     g = option["group_size"]
     s = f"w{option['bits']} " + ("pc" if g == -1 else "pt" if g == 0 else f"g{g}")
+    if "method" in option:
+        rest = {k: v for k, v in option.items() if k not in ("method", "bits", "group_size", "symmetric", "lqer")}
+        return " ".join([f"{option['method']} {s}"] + [f"{_SHORT.get(k, k + '=')}{v}" for k, v in sorted(rest.items())])
     if option.get("lqer"):
         s += f" r{option['lqer']['rank']}"
     if option.get("outliers"):

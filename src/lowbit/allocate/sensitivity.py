@@ -31,10 +31,10 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.fingerprint import sha, tensor_bytes
 from lowbit.io.atomic import atomic_write_text
-from lowbit.methods import MethodConfig, parse_method_config, quantize_weight
+from lowbit.methods import MethodConfig, quantize_weight
 from lowbit.methods.lqer import lqer
 from lowbit.methods.stats import output_error
-from lowbit.models.adapters import layer_weight
+from lowbit.models.adapters import layer_weight, merge_config
 from lowbit.pipeline.collect import collect_stats
 from lowbit.progress import OptionalProgress
 
@@ -101,7 +101,7 @@ def measure_sensitivity(model: nn.Module, names: list[str], calib: torch.Tensor,
 
     todo = [n for n in names if n not in done]
     stats = collect_stats(model, todo, calib, batch_size) if todo else {}
-    configs = [parse_method_config({**base.model_dump(), **o}) for o in options]
+    configs = [merge_config(base, o) for o in options]  # as the plan's per-layer overrides will
     ref = _Reference(model, windows, batch_size) if todo else None
     with _Bar(progress, len(names) * len(options)) as bar:
         for name in names:

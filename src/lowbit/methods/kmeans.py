@@ -47,7 +47,8 @@ def _check(X: torch.Tensor, k: int, weights: torch.Tensor | None) -> None:
         raise LowbitError(f"k-means: k = {k} clusters is out of range [1, 256]")
     if X.shape[1] == 0:
         raise LowbitError("k-means: vectors are empty")
-    if not torch.isfinite(X).all():
+    # max |x| is NaN or inf exactly when some x is (one reduction, no [n, m] boolean temporary)
+    if X.numel() and not torch.isfinite(X.detach().abs().amax()):
         raise LowbitError("k-means: NaN/inf values")
     if weights is not None:
         if weights.shape != X.shape:
@@ -75,9 +76,12 @@ def nearest(X: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def _prefix(v: np.ndarray) -> np.ndarray:
-    out = np.zeros((v.shape[0], v.shape[1] + 1), dtype=np.float64)
-    np.cumsum(v, axis=1, out=out[:, 1:])
-    return out
+    """Row prefix sums [n, m + 1] (leading 0) in float64. torch's cumsum runs the rows side by side in
+    SIMD lanes, ~4× numpy's row-by-row loop; the additions happen in the same order (bit-identical)."""
+    out = torch.empty((v.shape[0], v.shape[1] + 1), dtype=torch.float64)
+    out[:, 0] = 0
+    torch.cumsum(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)), 1, out=out[:, 1:])
+    return out.numpy()
 
 
 class _RowSearch:
@@ -88,7 +92,8 @@ class _RowSearch:
 
     def __init__(self, xs: np.ndarray):
         n, self.m = xs.shape
-        self.C = 2.0 ** (np.ceil(np.log2(max(float(np.abs(xs).max()), 1e-30))) + 2)
+        amax = float(np.abs(xs[:, [0, -1]]).max())  # rows are sorted: the largest |x| is at an end
+        self.C = 2.0 ** (np.ceil(np.log2(max(amax, 1e-30))) + 2)
         self.off = (np.arange(n, dtype=np.float64) * self.C)[:, None]
         self.base = (np.arange(n) * self.m)[:, None]
         self.flat = (xs + self.off).ravel()
@@ -99,11 +104,11 @@ class _RowSearch:
         return np.searchsorted(self.flat, (q + off).ravel(), side=side).reshape(q.shape) - base
 
 
-def _sorted(X: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Row-sorted values (float64) and their weights. numpy's row sort is ~10× faster than torch's on CPU."""
+def _sorted(X: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row-sorted values (float64) and their weights (None: unit weights). numpy's row sort is ~10×
+    faster than torch's on CPU."""
     if weights is None:
-        xs = np.sort(X, axis=1).astype(np.float64)
-        return xs, np.ones_like(xs)
+        return np.sort(X, axis=1).astype(np.float64), None
     order = np.argsort(X, axis=1, kind="stable")
     return np.take_along_axis(X, order, 1).astype(np.float64), np.take_along_axis(weights, order, 1).astype(np.float64)
 
@@ -171,6 +176,7 @@ def kmeans_1d(X: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
         c, it, codes = _fit_one(Xn[0], None if Wn is None else Wn[0], k, max_iter, tol)
         return KMeansResult(torch.from_numpy(c)[None], torch.from_numpy(codes)[None], it)
     xs, ws = _sorted(Xn, Wn)
+    search = _RowSearch(xs)
     if Wn is None:  # unit weights: Σ1 = the count, exactly; no multiplications by 1
         P0, P1 = np.broadcast_to(np.arange(m + 1, dtype=np.float64), (n, m + 1)), _prefix(xs)
     else:
@@ -183,13 +189,14 @@ def kmeans_1d(X: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
         starts = []
         for name in (init,) if isinstance(init, str) else init:
             if name == "dp":
-                starts.append(_init_coarse_dp(xs, None if Wn is None else ws, P0, P1, k))
+                starts.append(_init_coarse_dp(xs, ws, P0, P1, k, search))
             elif name == "uniform":
                 starts.append(_init_uniform(xs, k))
             elif name == "quantile":
                 starts.append(_init_quantile(xs, P0, k))
             elif name == "kmeans++":
-                starts.append(_init_kmeanspp(xs, ws, k, torch.Generator().manual_seed(seed)))
+                starts.append(_init_kmeanspp(xs, np.ones_like(xs) if ws is None else ws, k,
+                                             torch.Generator().manual_seed(seed)))
             else:
                 raise LowbitError(f"k-means: unknown init {name!r}")
         if not starts:
@@ -201,35 +208,52 @@ def kmeans_1d(X: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
     N = I * n
     # scikit-learn's tolerance: stop when Σ_i (centroid shift)² ≤ tol · variance of the vector.
     tol_abs = tol * xs.var(axis=1)
-    search = _RowSearch(xs)
+    if I > 1:
+        search = _RowSearch(xs)
     c = np.ascontiguousarray(c, dtype=np.float64)
-    prev = np.full((N, k - 1), -1, dtype=np.int64)
-    live = np.arange(N)  # vectors still iterating: each stops on its own (fixed point or tol)
+    # Steps run on a working set of vectors with the finished ones masked out; the set is compacted
+    # whenever fewer than half of it still iterate (most vectors stop after 2-6 steps, a few take 10+),
+    # so a step costs O(live vectors) without re-indexing every step. Cluster sums are one flat gather.
+    flat0, flat1 = (None if Wn is None else np.ascontiguousarray(P0).ravel()), np.ascontiguousarray(P1).ravel()
+    B = np.empty((N, k + 1), dtype=np.int64)
+    B[:, 0], B[:, -1] = 0, m
+    ids = np.arange(N)  # the working set; c[ids] is held in cw while it is worked on
+    cw, row, tol_w = c, ids[:, None] * (m + 1), tol_abs
+    live = np.ones(N, dtype=bool)  # per working vector: still iterating (each stops on its own)
+    prev = None
     it = 0
     for it in range(1, max_iter + 1):
-        cl = c[live]
-        b = search((cl[:, 1:] + cl[:, :-1]) / 2, "right", live)  # values ≤ mid go to the lower cluster
-        moved = (b != prev[live]).any(1) if it > 1 else np.ones(live.size, dtype=bool)
-        if not moved.all():  # no boundary moved: an exact fixed point, done
-            live, b, cl = live[moved], b[moved], cl[moved]
-            if live.size == 0:
+        b = search((cw[:, 1:] + cw[:, :-1]) / 2, "right", None if ids.size == N else ids)
+        if prev is not None:
+            live &= (b != prev).any(1)  # no boundary moved: an exact fixed point, done
+            if not live.any():
                 it -= 1
                 break
-        prev[live] = b
-        r = live[:, None]
-        G0 = np.concatenate([P0[r, 0], P0[r, b], P0[r, m]], axis=1)
-        G1 = np.concatenate([P1[r, 0], P1[r, b], P1[r, m]], axis=1)
-        S0, S1 = G0[:, 1:] - G0[:, :-1], G1[:, 1:] - G1[:, :-1]
+        prev = b
+        Bw = B[: ids.size]
+        Bw[:, 1:-1] = b  # values ≤ mid go to the lower cluster
+        G1 = flat1[row + Bw]
+        S1 = G1[:, 1:] - G1[:, :-1]
+        if flat0 is None:
+            S0 = (Bw[:, 1:] - Bw[:, :-1]).astype(np.float64)  # unit weights: Σ1 = the count
+        else:
+            G0 = flat0[row + Bw]
+            S0 = G0[:, 1:] - G0[:, :-1]
         empty = S0 <= 0
         new = S1 / np.where(empty, 1.0, S0)
         if empty.any():  # an empty cluster keeps its centroid; keep the order
-            new = np.sort(np.where(empty, cl, new), axis=1)
-        shift2 = ((new - cl) ** 2).sum(1)
-        c[live] = new
+            new = np.sort(np.where(empty, cw, new), axis=1)
+        shift2 = ((new - cw) ** 2).sum(1)
+        cw = np.where(live[:, None], new, cw)
         if tol > 0:
-            live = live[shift2 > tol_abs[live]]
-            if live.size == 0:
+            live &= shift2 > tol_w
+        if 2 * np.count_nonzero(live) < ids.size:
+            c[ids] = cw
+            ids, cw, row, tol_w, prev = ids[live], cw[live], row[live], tol_w[live], prev[live]
+            live = np.ones(ids.size, dtype=bool)
+            if ids.size == 0:
                 break
+    c[ids] = cw
     if I > 1:
         Xr = np.tile(Xn, (I, 1))
         e = torch.from_numpy(Xr), torch.from_numpy(c).float()
@@ -268,15 +292,12 @@ def _fit_one(x: np.ndarray, w: np.ndarray | None, k: int, max_iter: int, tol: fl
     lo, hi = xs[0], xs[-1]
     by_value = np.searchsorted(xs, lo + (hi - lo) * (np.arange(1, h) / h), "right")
     cut = np.sort(np.concatenate([_COUNT_CUTS[m, h], by_value]))
-    xc = (xs - xs.mean()) / max(hi - lo, 1e-30)
-    wxc = xc if w is None else ws * xc
-    Q1, Q2 = np.zeros(m + 1), np.zeros(m + 1)
-    np.cumsum(wxc, out=Q1[1:])
-    np.cumsum(wxc * xc, out=Q2[1:])
-    Pc0, Pc1 = P0[cut], P1[cut]
-    st, en = _dp_segments(Pc0[None], Q1[cut][None], Q2[cut][None], k)
+    P2 = np.zeros(m + 1)
+    np.cumsum(xs * xs if w is None else wx * xs, out=P2[1:])
+    C0, C1, *dp_in = _cut_costs(xs, P0, P1, P2, cut)
+    st, en = _dp_segments(*(a[None] for a in dp_in), k)
     st, en = st[0], en[0]
-    s0, s1 = Pc0[en] - Pc0[st], Pc1[en] - Pc1[st]
+    s0, s1 = C0[en] - C0[st], C1[en] - C1[st]
     c = np.sort(np.where(s0 > 0, s1 / np.where(s0 > 0, s0, 1.0), xs[np.minimum(cut[st], m - 1)]))
     # Lloyd (see kmeans_1d)
     tol_abs = tol * xs.var()
@@ -333,7 +354,8 @@ def _dp_chunk(P0: np.ndarray, P1: np.ndarray, P2: np.ndarray, k: int) -> tuple[n
 
     D_j[t] = min_{a<t} D_{j−1}[a] + cost(a, t), cost(a, t) = S2 − S1²/S0 over the points between cuts a
     and t (their weighted SSE about their mean). The cost is laid out [n, t, a] so every min runs over
-    the contiguous axis, and built in place (it is the bulk of the time: ~8 passes over n·(M+1)²)."""
+    the contiguous axis, and built in place (it is the bulk of the time: ~8 passes over n·(M+1)²).
+    Arithmetic in the dtype of P* (float64 for the exact solver, float32 for the coarse init)."""
     n, M1 = P0.shape
     S0 = P0[:, :, None] - P0[:, None, :]  # [n, t, a]
     S1 = P1[:, :, None] - P1[:, None, :]
@@ -350,15 +372,17 @@ def _dp_chunk(P0: np.ndarray, P1: np.ndarray, P2: np.ndarray, k: int) -> tuple[n
     if k <= M1 - 1:
         # D_{j−1}[a] is finite only for a ≥ j (j clusters need j steps of cut), so layer j needs a ≥ j,
         # t ≥ j + 1, and the last layer only t = M (the end): ~half the work at k = 16, M = 31.
+        # Symmetrically, the k − 1 − j clusters still to come need a cut step each: t ≤ M − (k − 1 − j).
         for j in range(1, k):
             t0 = j + 1 if j < k - 1 else M1 - 1
-            Mj = D[:, None, j:] + cost[:, t0:, j:]  # [n, T, A]
+            t1 = M1 - 1 - (k - 1 - j)
+            Mj = D[:, None, j:t1] + cost[:, t0 : t1 + 1, j:t1]  # [n, T, A]
             T, A = Mj.shape[1:]
             arg = Mj.argmin(axis=2)  # first minimum
-            D = np.full((n, M1), np.inf)
-            D[:, t0:] = Mj.reshape(-1).take(np.arange(n * T) * A + arg.reshape(-1)).reshape(n, T)
+            D = np.full((n, M1), np.inf, dtype=cost.dtype)
+            D[:, t0 : t1 + 1] = Mj.reshape(-1).take(np.arange(n * T) * A + arg.reshape(-1)).reshape(n, T)
             bj = np.zeros((n, M1), dtype=np.int64)
-            bj[:, t0:] = arg + j
+            bj[:, t0 : t1 + 1] = arg + j
             back.append(bj)
     else:  # more clusters than cut steps: some segments are empty; the plain recursion
         M = np.empty_like(cost)
@@ -397,7 +421,22 @@ def _segment_means(xs, P0, P1, starts, ends, cut) -> np.ndarray:
     return np.sort(np.where(s0 > 0, s1 / np.where(s0 > 0, s0, 1.0), g(xs, at)), axis=1)
 
 
-def _init_coarse_dp(xs: np.ndarray, ws: np.ndarray | None, P0: np.ndarray, P1: np.ndarray, k: int) -> np.ndarray:
+def _cut_costs(xs: np.ndarray, P0: np.ndarray, P1: np.ndarray, P2: np.ndarray, cut: np.ndarray):
+    """The coarse DP's inputs at the cuts: (count, Σ w·u, Σ w·u²) prefixes in float32, where
+    u = (x − mean)/range. Centred and scaled in float64 at the cuts only (expanding Σ w(x − μ)² from the
+    raw prefix sums P* = Σw, Σwx, Σwx²), then rounded: float32 halves the DP's memory traffic, and a
+    start only needs to be near the optimum (Lloyd finishes it). Rows of xs, or one 1-D vector."""
+    lo, hi = xs[..., :1], xs[..., -1:]
+    mu, r = xs.mean(-1, keepdims=True), np.maximum(hi - lo, 1e-30)
+    take = (lambda P: np.take_along_axis(P, cut, -1)) if xs.ndim == 2 else (lambda P: P[cut])
+    C0, C1, C2 = take(P0), take(P1), take(P2)
+    Q1 = (C1 - mu * C0) / r
+    Q2 = (C2 - 2 * mu * C1 + mu * mu * C0) / (r * r)
+    return C0, C1, C0.astype(np.float32), Q1.astype(np.float32), Q2.astype(np.float32)
+
+
+def _init_coarse_dp(xs: np.ndarray, ws: np.ndarray | None, P0: np.ndarray, P1: np.ndarray, k: int,
+                    search: "_RowSearch") -> np.ndarray:
     """Optimal k-means restricted to cuts at h = max(16, k) equal-count positions and h − 1 positions of
     a uniform value grid (the latter isolate sparse tails): exact SSE of every allowed segmentation from
     the prefix sums, O(k·cuts²) per vector, so Lloyd starts next to the global optimum."""
@@ -405,15 +444,12 @@ def _init_coarse_dp(xs: np.ndarray, ws: np.ndarray | None, P0: np.ndarray, P1: n
     h = max(_COARSE, k)  # 2h − 1 cut steps ≥ k clusters: no empty (duplicate) starting centroids
     by_count = np.broadcast_to(np.round(np.linspace(0, m, h + 1)).astype(np.int64), (n, h + 1))
     lo, hi = xs[:, :1], xs[:, -1:]
-    by_value = _RowSearch(xs)(lo + (hi - lo) * (np.arange(1, h) / h), "right")
+    by_value = search(lo + (hi - lo) * (np.arange(1, h) / h), "right")
     cut = np.sort(np.concatenate([by_count, by_value], axis=1), axis=1)
-    # SSE about the vector mean, in units of its range: the same argmin, better conditioned.
-    xc = (xs - xs.mean(1, keepdims=True)) / np.maximum(hi - lo, 1e-30)
-    wxc = xc if ws is None else ws * xc  # ws None: unit weights
-    P2 = _prefix(wxc * xc)
-    Pc0, Pc1 = np.take_along_axis(P0, cut, 1), np.take_along_axis(_prefix(wxc), cut, 1)
-    starts, ends = _dp_segments(Pc0, Pc1, np.take_along_axis(P2, cut, 1), k)
-    return _segment_means(xs, Pc0, np.take_along_axis(P1, cut, 1), starts, ends, cut)
+    P2 = _prefix(xs * xs if ws is None else ws * xs * xs)
+    C0, C1, *dp_in = _cut_costs(xs, P0, P1, P2, cut)
+    starts, ends = _dp_segments(*dp_in, k)
+    return _segment_means(xs, C0, C1, starts, ends, cut)
 
 
 def kmeans_1d_optimal(X: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -426,6 +462,7 @@ def kmeans_1d_optimal(X: torch.Tensor, k: int, weights: torch.Tensor | None = No
         xs = X.float().sort(dim=1).values
         return torch.cat([xs, xs[:, -1:].expand(n, k - m)], dim=1)
     xs, ws = _sorted(X.detach().double().cpu().numpy(), None if weights is None else weights.detach().double().cpu().numpy())
+    ws = np.ones_like(xs) if ws is None else ws
     P0, P1, P2 = _prefix(ws), _prefix(ws * xs), _prefix(ws * xs * xs)
     starts, ends = _dp_segments(P0, P1, P2, k)
     cut = np.broadcast_to(np.arange(m + 1), (n, m + 1))

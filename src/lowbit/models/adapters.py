@@ -200,7 +200,7 @@ class LayerPlan:
         for pat, upd in self._ovr:
             if pat.search(name):
                 self._used.add(pat.pattern)
-                cfg = _merge(cfg, upd, name)
+                cfg = merge_config(cfg, upd, name)
         return cfg
 
     def warn_unused(self) -> None:
@@ -218,7 +218,7 @@ def _compile(p: str) -> re.Pattern:
         raise LowbitError(f"invalid layer pattern {p!r}: {e}") from None
 
 
-def _merge(cfg: MethodConfig, update: dict, name: str) -> MethodConfig:
+def merge_config(cfg: MethodConfig, update: dict, name: str = "") -> MethodConfig:
     """Merge a partial config into `cfg` and validate it (model_copy(update=...) alone would not validate).
 
     Switching method keeps only the settings both methods share (bits, group size, symmetry).
@@ -229,4 +229,4 @@ def _merge(cfg: MethodConfig, update: dict, name: str) -> MethodConfig:
     try:
         return parse_method_config({**base, **update})
     except LowbitError as e:
-        raise LowbitError(f"override for {name}: {e}") from None
+        raise LowbitError(f"override for {name}: {e}" if name else str(e)) from None
