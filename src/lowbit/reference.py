@@ -8,7 +8,7 @@ on C4_TRAIN plus WikiText-2 valid only; the WikiText-2 test split, C4_CALIB and 
 first version: after 700 steps (WikiText-2 test perplexity 277.6) the weights carried so little that
 3-bit RTN *lowered* the perplexity (275.3) and perplexity did not follow the KL divergence to the fp
 model; after 2100 (perplexity 168.0) quantization damage is ~10× larger in KL, every quantizer raises
-the perplexity, and perplexity ranks 33 quantized variants as KL does with Spearman ρ = 0.94 (0.29 after
+the perplexity, and perplexity ranks 34 quantized variants as KL does with Spearman ρ = 0.94 (0.29 after
 700 steps; bench/results/budget).
 """
 
