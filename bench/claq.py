@@ -1,7 +1,10 @@
-"""CLAQ on the reference model, against GPTQ at matched bits and a SqueezeLLM-style baseline, plus the
-1-D k-means speed comparison with scikit-learn. Writes bench/results/claq.{md,json}.
+"""CLAQ on the reference model in the paper's settings (per channel, AP, OR) against GPTQ and a SqueezeLLM-style
+baseline, plus the 1-D k-means speed comparison with scikit-learn.
 
-    python bench/claq.py [--max-windows 128] [--kl-windows 32] [--only NAME ...] [--skip-kmeans]
+    python bench/claq.py [--max-windows 128] [--kl-windows 32] [--only NAME ...] [--skip-kmeans | --kmeans-only]
+
+Each of the two tables replaces its own section of bench/results/claq.md (and its key in claq.json); the
+other sections of that file (the matched-bits tables, taken from `lowbit compare`) are left as they are.
 
 Each quantization is its own `lowbit quantize` process (as `make demo`); evaluation happens here with the
 fp32 model loaded once: WikiText-2 test perplexity on the first `max-windows` windows, KL(fp32 ‖ q) on the
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lowbit.io.atomic import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(os.environ.get("LOWBIT_CLAQ_WORK", "/tmp/lowbit-claq-bench"))
@@ -204,27 +209,47 @@ def kmeans_speed(ref: Path, n_cols: int = 48) -> list[dict]:
     return rows
 
 
-def replace_kmeans_table(km_rows: list[dict], note: str) -> None:
-    """Put the k-means table (and its JSON rows) into the committed results, replacing an earlier one and
-    leaving every other section."""
-    from lowbit.eval.report import results_table
+KMEANS_NOTE = ("k-means: scikit-learn KMeans(n_clusters=k, random_state=10, n_init='auto') per column (the CLAQ "
+               "authors' call) vs lowbit's kmeans_1d (coarse-DP init + sorted prefix-sum Lloyd, sklearn's tol) on "
+               "the same columns of the reference model (the first 48 columns of every linear, grouped by length), "
+               "one thread each, back to back in one process; 'batched' fits all sampled columns in one call, "
+               "'single' one column per call (CLAQ's in-sweep regime); every time is the best of 3 (sklearn: of 3 "
+               "thirds of the columns). SSE ratios are means over columns; optimal = exact DP.")
+MODELS_TITLE = "## The paper's settings (per channel, AP, OR, SqueezeLLM)"
+KMEANS_TITLE = "## k-means speed"
 
-    path = RESULTS / "claq.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data["kmeans"] = km_rows
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+def models_note(proto: dict, kl_windows: int) -> str:
+    return (f"`python bench/claq.py`: each run its own `lowbit quantize` process on the reference model; WikiText-2 "
+            f"raw test perplexity on the first {proto.get('n_windows')} windows of {proto.get('seqlen')} tokens "
+            f"({proto.get('n_tokens')} tokens), KL(fp32 ‖ quantized) on the first {kl_windows}; calibration "
+            f"128 × {proto.get('seqlen')} C4 windows. bits_per_weight = code_bits + meta_bits (scales/zeros or "
+            "codebooks + code-width index) + outlier_bits (fp16 values + compact positions), over all quantized "
+            "linears. quantize_seconds is the whole `lowbit quantize` pipeline (calibration forward passes "
+            "included), method_seconds the quantizers alone.")
+
+
+def write_section(title: str, table: str, note: str) -> None:
+    """Replace the section headed `title` in results/claq.md (up to the next `## ` heading) with the table and
+    its note, or append it: the other sections (e.g. the matched-bits tables taken from `lowbit compare`)
+    stay as they are."""
     md = RESULTS / "claq.md"
     lines = md.read_text().rstrip("\n").split("\n") if md.exists() else []
-    table = results_table(km_rows, list(km_rows[0]))[0].rstrip("\n").split("\n")
-    if "## k-means speed" in lines:
-        start = end = lines.index("## k-means speed") + 2
-        while end < len(lines) and lines[end].startswith("|"):
-            end += 1
-        lines[start:end] = table
+    body = [title, "", *table.rstrip("\n").split("\n"), "", note, ""]
+    if title in lines:
+        start = lines.index(title)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = body
     else:
-        lines += ["", "## k-means speed", ""] + table + ([""] + [note] if note else [])
-    md.write_text("\n".join(lines) + "\n")
-    print("\n".join(table))
+        lines += ["", *body]
+    atomic_write_text(md, "\n".join(lines).rstrip("\n") + "\n")
+    print(table)
+
+
+def update_json(**parts) -> None:
+    path = RESULTS / "claq.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    atomic_write_text(path, json.dumps({**data, **parts}, indent=2, default=str) + "\n")
 
 
 def main():
@@ -233,55 +258,32 @@ def main():
     ap.add_argument("--kl-windows", type=int, default=32)
     ap.add_argument("--only", nargs="*", default=None, help="run names (default: all)")
     ap.add_argument("--skip-kmeans", action="store_true")
-    ap.add_argument("--skip-models", action="store_true")
-    ap.add_argument("--kmeans-only", action="store_true",
-                    help="re-measure the k-means speed table only and replace it in claq.{md,json}, keeping the rest")
+    ap.add_argument("--kmeans-only", action="store_true", help="re-measure the k-means speed table only")
     ap.add_argument("--cached-only", action="store_true", help="tabulate finished runs only (no new runs)")
     ap.add_argument("--no-write", action="store_true", help="run (and cache) only; do not write results")
     ap.add_argument("--data", default=None)
-    ap.add_argument("--extra-note", default="", help="appended to the results note")
+    ap.add_argument("--extra-note", default="", help="appended to the note of the section(s) written")
     a = ap.parse_args()
-    from lowbit.eval.report import results_table, write_results
+    from lowbit.eval.report import results_table
     from lowbit.reference import reference_path
 
     WORK.mkdir(parents=True, exist_ok=True)
     ref = reference_path()
     if not (ref / "training.json").is_file():
         raise SystemExit(f"the reference model {ref} is not built; run `lowbit reference build` first")
-    old = json.loads((RESULTS / "claq.json").read_text()) if (RESULTS / "claq.json").exists() else {}
+    extra = f" {a.extra_note}" if a.extra_note else ""
+    if not a.skip_kmeans:
+        km_rows = kmeans_speed(ref)
+        if not a.no_write:
+            update_json(kmeans=km_rows)
+            write_section(KMEANS_TITLE, results_table(km_rows, list(km_rows[0]))[0], KMEANS_NOTE + extra)
     if a.kmeans_only:
-        replace_kmeans_table(kmeans_speed(ref), a.extra_note)
         return
-    km_rows = old.get("kmeans", []) if a.skip_kmeans else kmeans_speed(ref)
-    names = a.only or list(RUNS)
-    rows = old.get("rows", []) if a.skip_models else model_runs(ref, names, a.max_windows, a.kl_windows, a.data,
-                                                                a.cached_only)
-    if a.no_write:
-        return
-    proto = rows[0].get("protocol", {}) if rows else {}
-    note = (f"Reference model (lowbit reference build). WikiText-2 raw test perplexity on the first "
-            f"{proto.get('n_windows')} windows of {proto.get('seqlen')} tokens ({proto.get('n_tokens')} tokens), "
-            f"KL(fp32 ‖ quantized) on the first {a.kl_windows}; calibration 128 × {proto.get('seqlen')} C4 windows. "
-            "bits_per_weight = code_bits + meta_bits (scales/zeros or codebooks + code-width index) + outlier_bits "
-            "(fp16 values + int32 positions), over all quantized linears. quantize_seconds is the whole "
-            "`lowbit quantize` pipeline (calibration forward passes included), method_seconds the quantizers "
-            "alone; the machine has 2 cores shared with other jobs, so times are indicative only.\n\n"
-            "k-means: scikit-learn KMeans(n_clusters=k, random_state=10, n_init='auto') per column (the CLAQ "
-            "authors' call) vs lowbit's kmeans_1d (coarse-DP init + sorted prefix-sum Lloyd, sklearn's tol) on "
-            "the same columns of the reference model, one thread each, back to back in one process; "
-            "'batched' fits all sampled columns in one call, 'single' one column per call (CLAQ's in-sweep "
-            "regime); every time is the best of 3 (sklearn: of 3 thirds of the columns). SSE ratios are means over columns; optimal = exact DP." + (f"\n\n{a.extra_note}" if a.extra_note else ""))
-    md_models = results_table(rows, COLUMNS)[0]
-    km_cols = list(km_rows[0]) if km_rows else []
-    md_km = results_table(km_rows, km_cols)[0] if km_rows else ""
-    write_results(rows, RESULTS, "claq", COLUMNS, note=note)
-    # one file for both tables (write_results writes the first; the k-means table is appended)
-    data = json.loads((RESULTS / "claq.json").read_text())
-    data["kmeans"] = km_rows
-    (RESULTS / "claq.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    (RESULTS / "claq.md").write_text(f"## Models\n\n{md_models}\n## k-means speed\n\n{md_km}\n{note}\n")
-    print(md_models)
-    print(md_km)
+    rows = model_runs(ref, a.only or list(RUNS), a.max_windows, a.kl_windows, a.data, a.cached_only)
+    if not a.no_write:
+        update_json(rows=rows)
+        write_section(MODELS_TITLE, results_table(rows, COLUMNS)[0],
+                      models_note(rows[0].get("protocol", {}), a.kl_windows) + extra)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class BudgetConfig(BaseModel):
 
         out = []
         for d in v:
-            if not isinstance(d, dict) or "method" not in d:
+            if "method" not in d:
                 raise ValueError(f"budget methods: {d!r} must be a method config with a 'method' key")
             try:
                 full = parse_method_config(d).model_dump(mode="json")

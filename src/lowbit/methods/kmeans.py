@@ -47,8 +47,8 @@ def _check(X: torch.Tensor, k: int, weights: torch.Tensor | None) -> None:
         raise LowbitError(f"k-means: k = {k} clusters is out of range [1, 256]")
     if X.shape[1] == 0:
         raise LowbitError("k-means: vectors are empty")
-    # max |x| is NaN or inf exactly when some x is (one reduction, no [n, m] boolean temporary)
-    if X.numel() and not torch.isfinite(X.detach().abs().amax()):
+    # min and max are NaN or ±inf exactly when some x is (one reduction, no [n, m] temporary)
+    if X.numel() and not torch.isfinite(torch.stack(torch.aminmax(X.detach()))).all():
         raise LowbitError("k-means: NaN/inf values")
     if weights is not None:
         if weights.shape != X.shape:
