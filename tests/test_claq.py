@@ -106,6 +106,23 @@ def test_outliers_without_feedback_are_the_signed_tails_of_w():
         assert torch.equal(out[:, c], expect)
 
 
+def test_outlier_count_keeps_exactly_that_many_per_tail():
+    """`outlier_count` (lowbit's extension): the c largest and c smallest entries of every column, which
+    the authors' rounding cannot express for c = 1 (it always keeps round(n·p) + 1 largest)."""
+    qw = claq_quantize(W, H, ClaqConfig(bits=2, outlier_count=1), feedback=False)
+    Wd = W.clone()
+    Wd[:, 5] = 0
+    out = _outlier_mask(qw)
+    assert torch.equal(out.sum(0), torch.full((COLS,), 2))
+    assert torch.equal(qw.dequantize()[out], Wd[out].half().float())
+    for c in (0, 7, 77):
+        order = torch.sort(Wd[:, c], stable=True).indices
+        assert torch.equal(torch.nonzero(out[:, c])[:, 0], torch.sort(order[[0, -1]]).values)
+    assert qw.storage()["outlier_values"] == 16 * 2 * COLS
+    with pytest.raises(ValueError):
+        ClaqConfig(bits=2, outlier_count=1, outliers=0.01)
+
+
 def test_error_feedback_beats_plain_kmeans_beats_rtn():
     """Layer output error on held-out inputs. Measured (relative ‖X(W − Ŵ)ᵀ‖): 2-bit CLAQ 0.095, per-column
     k-means without feedback 0.317, RTN per channel 0.765, GPTQ per channel 0.227; 3-bit 0.043, 0.151,
@@ -310,8 +327,8 @@ def test_per_column_refit_equals_the_batched_fit():
     for cb in (16, 8):
         cfg = ClaqConfig(bits=2, target_bits=2.5, codebook_bits=cb)
         bits = torch.tensor([2, 4] * 5, dtype=torch.uint8)
-        a = ClaqColumnGrid(bits, torch.zeros(10, dtype=torch.float64), cfg)
-        b = ClaqColumnGrid(bits, torch.zeros(10, dtype=torch.float64), cfg)
+        a = ClaqColumnGrid(bits, [(0, 0)] * 10, cfg)
+        b = ClaqColumnGrid(bits, [(0, 0)] * 10, cfg)
         for j in range(10):
             a._fit(W[:, j][None], j)
             b._fit_column(W[:, j], j)

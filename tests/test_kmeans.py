@@ -183,3 +183,47 @@ def test_nearest_counts_midpoints_like_searchsorted():
             Xt[:, :4] = mids[:, -1:]  # exactly on a midpoint
         ref = torch.searchsorted(mids.contiguous(), Xt.contiguous(), side="left")
         assert torch.equal(nearest(Xt, C), ref), k
+
+
+def _reference_dp_sse(x: list[float], k: int) -> float:
+    """Textbook O(k·m²) 1-D k-means DP in Python floats: min SSE of k contiguous runs of sorted x."""
+    x = sorted(x)
+    m = len(x)
+
+    def cost(a, t):  # SSE of x[a:t] about its mean
+        seg = x[a:t]
+        mu = sum(seg) / len(seg)
+        return sum((v - mu) ** 2 for v in seg)
+
+    D = [cost(0, t) if t else 0.0 for t in range(m + 1)]
+    for _ in range(1, k):
+        D = [min([D[t]] + [D[a] + cost(a, t) for a in range(1, t)]) if t else 0.0 for t in range(m + 1)]
+    return D[m]
+
+
+def test_packed_argmin_dp_against_a_textbook_dp():
+    """The exact solver's DP packs the argmin into the low mantissa bits (`_dp_chunk`): its SSE equals a
+    plain Python DP's on vectors long enough to need 6 index bits, with duplicate values."""
+    X = _heavy(5, 40, seed=11)
+    X[1, 10:14] = X[1, 3]
+    for k in (2, 5, 9):
+        got = sse(X, kmeans_1d_optimal(X, k))
+        for i in range(X.shape[0]):
+            ref = _reference_dp_sse(X[i].double().tolist(), k)
+            assert got[i].item() == pytest.approx(ref, rel=1e-6, abs=1e-12), (k, i)
+
+
+def test_sums_at_cuts_match_the_full_prefix_sums():
+    """The coarse init's Σx² at the cuts (one reduceat) against cumsum-then-take, with repeated cuts."""
+    import numpy as np
+
+    from lowbit.methods.kmeans import _sums_at_cuts
+
+    rng = np.random.default_rng(12)
+    v = rng.standard_normal((6, 50)) ** 2
+    inner = np.sort(rng.integers(0, 50, (6, 9)), axis=1)
+    inner[2, 3:6] = inner[2, 3]  # repeated cuts: empty segments
+    inner[3, :4] = 0
+    cut = np.concatenate([np.zeros((6, 1), int), inner, np.full((6, 1), 50)], axis=1)
+    full = np.concatenate([np.zeros((6, 1)), np.cumsum(v, 1)], axis=1)
+    np.testing.assert_allclose(_sums_at_cuts(v, cut), np.take_along_axis(full, cut, 1), rtol=1e-12, atol=1e-12)

@@ -61,6 +61,7 @@ def quantize(
     act_bits: Optional[int] = typer.Option(None, help="Fake-quantize activations (W4A8: 8): per-token MXINT, block 16, of every quantized linear's input and low-rank intermediates (default: weight-only)."),
     claq_target_bits: Optional[float] = typer.Option(None, help="CLAQ adaptive precision: mean code bits T; a share (T − bits)/(4 − bits) of the columns, by Outlier Order, gets 4 bits."),
     claq_outliers: Optional[str] = typer.Option(None, help="CLAQ outlier reservation: none (default) | dynamic (1.4%/0.4% per tail) | a fraction per tail (fp16 values + positions, counted in bits)."),
+    claq_outlier_count: Optional[int] = typer.Option(None, help="CLAQ outlier reservation, lowbit extension: exactly this many largest and smallest entries of every column kept in fp16 (instead of --claq-outliers)."),
     codebook_bits: Optional[int] = typer.Option(None, help="CLAQ/SqueezeLLM codebook entries: 16 (fp16, default) | 8 (uint8 on a per-vector affine grid); CLAQ also 5-7 (packed)."),
     claq_row_scale: Optional[str] = typer.Option(None, help="CLAQ extension: none (default, the paper's) | rms | absmax: one fp16 scale per output row, codebooks of the row-normalized weight."),
     claq_fit: Optional[str] = typer.Option(None, help="CLAQ codebook fit: column (refit on each updated column, the paper's; default) | block (one batch per 128-column block, ~10x faster)."),
@@ -85,7 +86,8 @@ def quantize(
     q = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
                                    act_order=act_order, static_groups=static_groups,
                                    damp_percent=damp_percent, format=fmt, target_bits=claq_target_bits,
-                                   outliers=claq_outliers, codebook_bits=codebook_bits,
+                                   outliers=claq_outliers, outlier_count=claq_outlier_count,
+                                   codebook_bits=codebook_bits,
                                    fit=claq_fit, row_scale=claq_row_scale).items() if v is not None}
     if outliers is not None:
         if q.get("method", base.quant.method) == "claq":

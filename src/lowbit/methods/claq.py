@@ -94,16 +94,26 @@ def tail_counts(n: int, p: float) -> tuple[int, int]:
     return min(n, round(n * p) + 1), n - round(n * (1 - p))
 
 
+def outlier_tails(order: torch.Tensor, cfg: ClaqConfig, rows: int) -> list[tuple[int, int]]:
+    """Per sweep column, (# largest, # smallest) entries kept in fp16: the authors' fractions
+    (`tail_counts`), or `outlier_count` of each tail (lowbit's extension: their index rounding keeps at
+    least one largest entry and cannot keep exactly one per tail)."""
+    if cfg.outlier_count:
+        c = min(cfg.outlier_count, rows // 2)
+        return [(c, c)] * order.numel()
+    return [tail_counts(rows, p) for p in outlier_fractions(order, cfg).tolist()]
+
+
 class ClaqColumnGrid:
     """`ColumnGrid` for `gptq_sweep`: a k-means codebook per column, fitted on the updated column."""
 
-    def __init__(self, col_bits: torch.Tensor, col_p: torch.Tensor, cfg: ClaqConfig,
+    def __init__(self, col_bits: torch.Tensor, col_tails: list[tuple[int, int]], cfg: ClaqConfig,
                  row_scale: torch.Tensor | None = None):
         self.cfg = cfg
         self.row_scale = row_scale  # fp16 [rows] or None
         self._s = None if row_scale is None else row_scale.float()
         self._s2 = None if row_scale is None else self._s.square()
-        self.col_bits, self.col_p = col_bits, col_p
+        self.col_bits, self.col_tails = col_bits, col_tails
         self._bits = col_bits.tolist()  # python ints: per-column lookups without tensor overhead
         n = col_bits.numel()
         self.K = 2 ** int(col_bits.max())
@@ -161,7 +171,7 @@ class ClaqColumnGrid:
         else:  # nearest entry of w/s = nearest of w on the row's scaled table; ŵ exactly as dequantize()
             codes = nearest((w / self._s.to(w.dtype))[None].float(), lut[None])[0]
             wq = (lut[codes] * self._s).to(w.dtype)
-        n_top, n_bot = tail_counts(w.numel(), float(self.col_p[j]))
+        n_top, n_bot = self.col_tails[j]
         if n_top or n_bot:
             order = torch.sort(w, stable=True).indices
             rows = torch.cat([order[: n_bot], order[w.numel() - n_top :]]).unique()
@@ -209,7 +219,8 @@ def claq_quantize(W: torch.Tensor, hessian: torch.Tensor, cfg: ClaqConfig, *, fe
     Wf, H, perm = prepare_hessian(W.to(dtype), hessian.to(dtype), cfg.act_order, cfg.damp_percent)
     U = inverse_cholesky_upper(H)
     order = column_ranking(Wf, U, cfg.ap_metric, cfg.outlier_threshold)
-    grid = ClaqColumnGrid(adaptive_bits(order, cfg), outlier_fractions(order, cfg), cfg, row_scales(Wf, cfg.row_scale))
+    grid = ClaqColumnGrid(adaptive_bits(order, cfg), outlier_tails(order, cfg, W.shape[0]), cfg,
+                          row_scales(Wf, cfg.row_scale))
     # Without feedback the sweep runs against a diagonal U: no off-diagonal terms, nothing propagates.
     codes, loss = gptq_sweep(Wf, U if feedback else torch.diag(torch.diagonal(U)), grid, cfg.block_size)
     if perm is not None:

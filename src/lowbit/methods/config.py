@@ -167,7 +167,8 @@ class ClaqConfig(WeightQuantConfig):
     columns, ranked by `ap_metric`, gets high_bits (T = 2.1 with bits 2: 5% at 4 bits).
     outliers: "none", "dynamic" (the authors' split: the top 10% columns by outlier count keep 1.4% per
     tail, the others 0.4%) or a fraction p per tail for every column, kept in fp16 (values and positions
-    stored and counted).
+    stored and counted). outlier_count c (an extension, instead of `outliers`): exactly the c largest and
+    c smallest entries of every column.
     """
 
     method: Literal["claq"] = "claq"
@@ -181,6 +182,7 @@ class ClaqConfig(WeightQuantConfig):
     ap_metric: Literal["outlier-order", "hessian"] = "outlier-order"
     outlier_threshold: float = Field(13.0, gt=0)  # t of the Outlier Order: |w| ≥ t · mean|W|
     outliers: Literal["none", "dynamic"] | float = "none"
+    outlier_count: int = Field(0, ge=0)
     fit: Literal["column", "block"] = "column"  # column: faithful refit per column; block: one batch per block
     codebook_bits: Literal[16, 8, 7, 6, 5] = 16  # fp16 entries, or e-bit codes on a per-column affine grid
     # Extension beyond the paper: one fp16 scale per output row (its RMS or absmax), codebooks of W/s.
@@ -198,6 +200,8 @@ class ClaqConfig(WeightQuantConfig):
 
     @model_validator(mode="after")
     def _ap(self):
+        if self.outlier_count and self.outliers != "none":
+            raise ValueError("give either outliers (a fraction per tail, or dynamic) or outlier_count, not both")
         if self.target_bits is None:
             return self
         if self.high_bits not in SUPPORTED_BITS or self.high_bits <= self.bits:
