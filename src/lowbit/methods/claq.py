@@ -96,8 +96,8 @@ def tail_counts(n: int, p: float) -> tuple[int, int]:
 
 def outlier_tails(order: torch.Tensor, cfg: ClaqConfig, rows: int) -> list[tuple[int, int]]:
     """Per sweep column, (# largest, # smallest) entries kept in fp16: the authors' fractions
-    (`tail_counts`), or `outlier_count` of each tail (lowbit's extension: their index rounding keeps at
-    least one largest entry and cannot keep exactly one per tail)."""
+    (`tail_counts`), or `outlier_count` of each tail, at most half the column each (lowbit's extension:
+    their index rounding keeps at least one largest entry and cannot keep exactly one per tail)."""
     if cfg.outlier_count:
         c = min(cfg.outlier_count, rows // 2)
         return [(c, c)] * order.numel()
