@@ -199,9 +199,13 @@ class ClaqConfig(WeightQuantConfig):
         return v
 
     @model_validator(mode="after")
-    def _ap(self):
+    def _one_outlier_rule(self):
         if self.outlier_count and self.outliers != "none":
             raise ValueError("give either outliers (a fraction per tail, or dynamic) or outlier_count, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _ap(self):
         if self.target_bits is None:
             return self
         if self.high_bits not in SUPPORTED_BITS or self.high_bits <= self.bits:
