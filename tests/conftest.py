@@ -9,9 +9,19 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """lowbit's cache (base-model outputs, sensitivity tables) in a per-session directory: tests never
+    read or fill the user's ~/.cache/lowbit."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LOWBIT_CACHE", str(tmp_path_factory.mktemp("lowbit-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny trained LLaMA (HF format + tokenizer), built once per test session (~10 s)."""
-    from lowbit.reference import build_tiny
+    from lowbit.toy import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)

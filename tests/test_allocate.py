@@ -213,7 +213,7 @@ def test_compare_cli_budgets(tiny_model_dir, tmp_path, monkeypatch):
         "budget": {"bits_per_weight": 3.0, "bits": [2, 4], "group_sizes": [-1, 32], "ranks": [0], "n_samples": 2}}))
     out = tmp_path / "report"
     res = CliRunner().invoke(app, ["compare", str(tiny_model_dir), "--budgets", "3.0", "2.5", "--budget-recipe",
-                                   str(base), "-o", str(out), "--max-windows", "2", "--kl-windows", "2",
+                                   str(base), "-o", str(out), "--max-windows", "2",
                                    "--seqlen", "64", "--quiet"])
     assert res.exit_code == 0, res.output
     for b in (3.0, 2.5):

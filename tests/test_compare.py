@@ -18,18 +18,20 @@ from typer.testing import CliRunner
 import lowbit.jobs as jobs
 import lowbit.pipeline.calibrate as calibrate
 from lowbit.cli import app
-from lowbit.compare import (EvalSettings, budget_recipes, describe, pareto_front, recipe_files, run_compare,
-                            unique_names)
+from lowbit.compare import budget_recipes, describe, pareto_front, recipe_files, run_compare, unique_names
 from lowbit.errors import LowbitError
 from lowbit.eval.report import fmt
 from lowbit.io.native import load_model
-from lowbit.jobs import eval_job, wikitext2_windows
+from lowbit.eval.kl import kl_divergence
+from lowbit.eval.perplexity import perplexity
+from lowbit.eval.protocol import get_protocol
+from lowbit.jobs import eval_job, protocol_windows
 from lowbit.recipe import make_recipe
 from helpers import tree_hash, assert_clean_error
 
 runner = CliRunner()
-EVAL = ["--seqlen", "64", "--max-windows", "8", "--kl-windows", "4"]
-SETTINGS = EvalSettings(seqlen=64, max_windows=8, kl_windows=4)
+EVAL = ["--seqlen", "64", "--max-windows", "8"]
+SETTINGS = get_protocol("quick", seqlen=64, windows=8, calib_samples=8, calib_seqlen=64)
 RECIPES = {"rtn4": "quant: {method: rtn, bits: 4, group_size: 32}\n",
            "rtn3": "quant: {method: rtn, bits: 3, group_size: 32}\n",
            "gptq3": "quant: {method: gptq, bits: 3, group_size: 32}\ncalibration: {n_samples: 128, seqlen: 256}\n"}
@@ -61,7 +63,8 @@ def compared(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     paths = write_recipes(tmp / "recipes", RECIPES)
     out = tmp / "report"
-    # One --recipes followed by several files; the calibration flags override gptq3's 128 × 256 windows.
+    # One --recipes followed by several files; the protocol's calibration (here the flags') replaces
+    # gptq3's own 128 × 256 windows: every run calibrates on the same data.
     res = run("compare", tiny_model_dir, "--recipes", *paths, "-o", out, *EVAL, "--calib-samples", "8",
               "--calib-seqlen", "64", "--keep-models", "--quiet")
     assert res.exit_code == 0, res.output
@@ -90,23 +93,25 @@ def test_report_files(compared):
 
 
 COL = {k: i for i, k in enumerate(["recipe", "setting", "bpw", "codes", "meta", "outliers", "lowrank", "ppl", "kl",
-                                    "top1", "front_kl", "front_ppl", "calibration", "qs", "es"])}
+                                    "top1", "front_kl", "front_ppl", "calibration", "qs", "peak", "es"])}
 
 
 def test_numbers_equal_direct_eval(compared, tiny_model_dir):
     out, rows = compared
     table = md_rows((out / "report.md").read_text())
-    # The fp row through eval_job's own tokenization; the saved models on those windows (tokenized once).
-    fp = eval_job(str(tiny_model_dir), seqlen=64, max_windows=8, progress=False)
+    # Independent of the compare path and of its cached fp16 base outputs: the fp row through eval_job's
+    # own tokenization, each saved model through perplexity() and the two-model kl_divergence().
+    fp = eval_job(str(tiny_model_dir), protocol=SETTINGS, progress=False)
     assert table["fp32 (unquantized)"][COL["ppl"]] == fmt(fp["ppl"])
     base, tok = load_model(tiny_model_dir)
-    windows = wikitext2_windows(tok, base, 64, 8)
+    windows = protocol_windows(tok, SETTINGS)
     for name, row in rows.items():
         model, _ = load_model(out / "runs" / name)
-        direct = eval_job(name, model=model, tokenizer=tok, base_model=base, windows=windows, kl_windows=4,
-                          progress=False)
-        for key in ("ppl", "kl", "top1_agreement"):
-            assert row[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-9), (name, key)
+        assert row["ppl"] == pytest.approx(perplexity(model, windows).ppl, rel=1e-6), name
+        kl = kl_divergence(model, base, windows)
+        assert row["top1_agreement"] == kl.top1_agreement, name
+        # The cached base log-probs are fp16, renormalised: measured within 5e-7 nats (evaluate.py).
+        assert row["kl"] == pytest.approx(kl.kl_mean, abs=1e-6), name
         qc = json.loads((out / "runs" / name / "config.json").read_text())["quantization_config"]
         assert row["bits_per_weight"] == pytest.approx(qc["bits_per_weight"], rel=1e-12)
         parts = [row[f"bpw_{k}"] for k in ("codes", "meta", "outliers", "lowrank")]
@@ -158,8 +163,8 @@ def test_resume_reuses_finished_runs_and_reruns_changed(tiny_model_dir, tmp_path
     monkeypatch.setattr(calibrate, "quantize_model", counting)
     # The same test windows every time (what the keys check); tokenized once to keep the test short.
     windows = {}
-    real_windows = jobs.wikitext2_windows
-    monkeypatch.setattr(jobs, "wikitext2_windows", lambda *a: windows.setdefault(a[2:], real_windows(*a)))
+    real_windows = jobs.protocol_windows
+    monkeypatch.setattr(jobs, "protocol_windows", lambda *a: windows.setdefault(a[1], real_windows(*a)))
 
     def compare(settings=SETTINGS):
         calls.clear()

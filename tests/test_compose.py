@@ -97,18 +97,18 @@ def test_prune_bits_in_a_recipe_is_refused(tiny_model_dir, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def test_prune_ratio_must_fit_the_group_size(tiny_model_dir):
+def test_pruned_width_need_not_fit_the_group_size(tiny_model_dir):
     from lowbit.io.native import load_model
+    from lowbit.methods import parse_method_config, quantize_weight
     from lowbit.pipeline.stages import prune_stage
     from lowbit.prune.config import PruneConfig
 
     model, _ = load_model(str(tiny_model_dir))  # intermediate 128: 25% keeps 96, which 64 does not divide
-    w = model.model.layers[0].mlp.down_proj.weight.clone()
-    with pytest.raises(LowbitError, match=r"keeps 96 of 128 .* ratio 0.5000 \(64 channels\)"):
-        prune_stage(model, PruneConfig(ratio=0.25), None, group_size=64)
-    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, w)  # refused before touching the model
-    rep = prune_stage(model, PruneConfig(ratio=0.25), None, group_size=32)
-    assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 96) and len(rep["layers"]) == 2
+    rep = prune_stage(model, PruneConfig(ratio=0.25), None)
+    W = model.model.layers[0].mlp.down_proj.weight.detach()
+    assert W.shape == (64, 96) and len(rep["layers"]) == 2
+    qw = quantize_weight(W, None, parse_method_config({"method": "rtn", "bits": 4, "group_size": 64}))
+    assert qw.grid.scale.shape == (64, 2)  # a full group of 64 and a partial one of 32
 
 
 # ---------------------------------------------------------------------------------------------- codebook

@@ -48,10 +48,43 @@ def test_missing_data_dir_raises(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 def test_missing_corpus_without_network_raises(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, offline) -> None:
     monkeypatch.setenv(data.ENV_DATA, str(tmp_path))  # exists but holds no corpora
+    monkeypatch.setattr(data, "PACKAGED", tmp_path / "no-package-copies")
     with pytest.raises(LowbitError, match="WikiText-2 test"):
         data.wikitext2_test_text()
     with pytest.raises(LowbitError, match="C4"):
         data.c4_documents()
+
+
+def test_fresh_clone_reads_the_packaged_corpora(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, offline) -> None:
+    """No ../shared, no $LOWBIT_DATA, no network: every corpus comes from lowbit/corpora, byte-identical
+    to the published files (sha256-checked), and a data folder lacking a file falls back to them too."""
+    shared = data.data_dir()
+    monkeypatch.delenv(data.ENV_DATA, raising=False)
+    monkeypatch.setattr(data, "_shared_dir", lambda: None)
+    assert data.data_dir() == data.PACKAGED
+    text = data.wikitext2_test_text()
+    assert len(text) == data.WIKITEXT2_TEST_CHARS
+    assert data.corpus_path(data.WIKITEXT2_TEST).suffix == ".gz"
+    assert len(data.c4_documents()) == data.C4_N_DOCS
+    assert data.corpus_text(data.TINYSHAKESPEARE).startswith("First Citizen:")
+    if shared != data.PACKAGED:  # the same text as the shared folder's plain files
+        assert text == data.wikitext2_test_text(shared)
+    monkeypatch.setenv(data.ENV_DATA, str(tmp_path))  # a data folder without the file: packaged copy
+    assert data.wikitext2_test_text() == text
+
+
+def test_damaged_corpus_copy_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import gzip
+
+    (tmp_path / "wikitext-2-raw").mkdir()
+    raw = data.text_file(data.PACKAGED / (data.WIKITEXT2_TEST + ".gz"))
+    with gzip.open(tmp_path / (data.WIKITEXT2_TEST + ".gz"), "wt", encoding="utf-8") as f:
+        f.write(raw.replace("Robert Boulter", "Robert Boulder"))
+    with pytest.raises(LowbitError, match="damaged"):
+        data.wikitext2_test_text(tmp_path)
+    (tmp_path / (data.WIKITEXT2_TEST + ".gz")).write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(LowbitError, match="cannot read"):
+        data.wikitext2_test_text(tmp_path)
 
 
 def test_wikitext2_test_protocol() -> None:
@@ -87,7 +120,7 @@ def test_text_file_errors(tmp_path: Path) -> None:
 
 
 def test_eval_windows(tokenizer) -> None:
-    text = data.text_file(data.data_dir() / data.TINYSHAKESPEARE)[:20_000]
+    text = data.corpus_text(data.TINYSHAKESPEARE)[:20_000]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     w = data.eval_windows(tokenizer, text, 64)
     assert w.dtype == torch.long and w.shape == (len(ids) // 64, 64)

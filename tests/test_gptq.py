@@ -124,8 +124,9 @@ def ref_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool, group_size:
         col_params = (S[:, perm], Z[:, perm])  # sweep order
         group_start = np.zeros(params[0].shape[1], dtype=int)  # static: used from the first column on
     else:
-        params = [np.empty((rows, cols // group_size)) for _ in range(2)] + [np.empty((rows, cols // group_size), bool)]
-        group_start = np.arange(cols // group_size) * group_size
+        ng = -(-cols // group_size)  # a partial last group when group_size does not divide cols
+        params = [np.empty((rows, ng)) for _ in range(2)] + [np.empty((rows, ng), bool)]
+        group_start = np.arange(ng) * group_size
 
     Wp = Wd[:, perm].copy()
     Hp = Hn[np.ix_(perm, perm)]
@@ -287,6 +288,24 @@ def test_gptq_dynamic_groups_read_block_level_w(case, act_order):
         assert (cur["codes"] != ref["codes"]).mean() > 0.01
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("static", [True, False])
+def test_gptq_partial_last_group_matches_obs_reference(static, act_order):
+    # 480 inputs in groups of 128: three full groups and one of 96 (SmolLM2's 576 = 4·128 + 64 alike).
+    # The reference slices the last group short (W[:, c0:c0+g] past the end), fits its own min-max, and
+    # sweeps it like any other group; blocks of 128 keep every group start a block start.
+    W, H = W512[:, :480], H512[:480, :480]
+    for bits, sym in ([(4, False), (3, True)] if static else [(3, False)]):
+        cfg = GPTQConfig(bits=bits, group_size=128, symmetric=sym, act_order=act_order, static_groups=static)
+        qw, loss = gptq_quantize(W, H, cfg, dtype=torch.float64, return_loss=True)
+        assert qw.grid.scale.shape == (96, 4)
+        compare(qw, ref_gptq(W, H, bits, sym, 128, act_order, static), loss)
+        g_idx = 32 / 96 if act_order and not static else 0  # int32 per input column, over 96 rows
+        assert qw.bits_per_weight() == pytest.approx(bits + 4 * 16 / 480 + (0 if sym else 4 * bits / 480) + g_idx)
+        if act_order and not static:  # g_idx: the partial group's columns point at group 3
+            assert int((qw.grid.g_idx == 3).sum()) == 96
+
+
 def test_gptq_block_size_not_dividing_columns():
     W, H = W512[:, :384], H512[:384, :384]
     for gs in (-1, 128):
@@ -401,8 +420,6 @@ def test_bad_inputs_raise():
         gptq_quantize(W, H[:32, :32], GPTQConfig(bits=4, group_size=32, static_groups=False))
     with pytest.raises(LowbitError):
         gptq_quantize(W, None, GPTQConfig(bits=4, group_size=32, static_groups=False))
-    with pytest.raises(LowbitError):
-        gptq_quantize(W, H, GPTQConfig(bits=4, group_size=48, static_groups=False))  # does not divide 64
     Wn = W.clone()
     Wn[2, 3] = float("nan")
     with pytest.raises(LowbitError):

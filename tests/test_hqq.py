@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.quant_primitives import grouped
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods import needs_calibration, parse_method_config, quantize_weight
 from lowbit.methods.hqq import hqq_quantize, shrink_lp
@@ -21,6 +20,11 @@ def heavy_tailed(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     z = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     chi2 = torch.randn(3, rows, cols, generator=g, dtype=torch.float64).pow(2).sum(0)
     return (0.02 * z / (chi2 / 3).sqrt()).float()
+
+
+def grouped(w: torch.Tensor, gs: int) -> torch.Tensor:
+    """[R, C] as [R, C/gs, gs] (the shapes here are whole groups)."""
+    return w.reshape(w.shape[0], -1, gs)
 
 
 def lp_error(W: torch.Tensor, qw: QuantizedWeight, gs: int) -> torch.Tensor:
@@ -138,8 +142,6 @@ def test_bad_input_refused():
     for bad in ({"bits": 1}, {"bits": 9}, {"symmetric": True}, {"zero": "fp8"}, {"p": 1.5}, {"iters": 0}):
         with pytest.raises(LowbitError):
             parse_method_config({"method": "hqq", **bad})
-    with pytest.raises(LowbitError, match="does not divide"):
-        hqq_quantize(heavy_tailed(16, 96), hqq(4, 64))
     assert not needs_calibration(hqq(4, 64))
 
 
@@ -264,3 +266,16 @@ def test_quant_linear_runs_float_zero_grids():
     ref = x.double() @ q.dequantize().double().T
     got = layer(x).double()
     assert float((got - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("zero", ["fp16", "int"])
+def test_partial_last_group_is_solved_as_a_group_of_its_own(zero):
+    # 96 columns in groups of 64: one full group and one of 32, which must be exactly HQQ on those 32
+    # columns alone (per channel), not a padded group of 64.
+    W = heavy_tailed(16, 96, seed=3)
+    q = hqq_quantize(W, hqq(3, 64, zero=zero))
+    a, b = hqq_quantize(W[:, :64], hqq(3, 64, zero=zero)), hqq_quantize(W[:, 64:], hqq(3, -1, zero=zero))
+    assert q.grid.scale.shape == (16, 2) and q.grid.zero.shape == (16, 2)
+    assert torch.equal(q.codes, torch.cat([a.codes, b.codes], 1))
+    assert torch.equal(q.grid.zero, torch.cat([a.grid.zero, b.grid.zero], 1))
+    assert torch.equal(q.dequantize(), torch.cat([a.dequantize(), b.dequantize()], 1))

@@ -74,7 +74,7 @@ def test_plot_spectrum_png(tiny_model_dir, tmp_path):
     assert img.ndim == 3 and img.shape[0] > 300 and img.std() > 0.01  # decodes, and is not blank
     assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]  # no temporary left behind
     for args, msg in (([r"--layers", "nomatch"], "no quantizable layer"), (["--layers", "("], "invalid"),
-                      (["--bits", "1"], "bit width"), (["--group-size", "48"], "does not divide")):
+                      (["--bits", "1"], "bit width"), (["--group-size", "-3"], "group size")):
         res = r.invoke(app, ["plot", "spectrum", str(tiny_model_dir), "-o", str(tmp_path / "bad.png"),
                              "--calib-samples", "2", *args])
         assert res.exit_code == 2 and msg in res.output, (args, res.output)

@@ -170,6 +170,68 @@ def test_true_sequential_hessian_comes_from_quantized_predecessors(monkeypatch):
         assert (used - hessian_of(float_model, name)).norm() > 1e-3 * used.norm()
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "qwen2"])
+def test_reused_outputs_change_nothing_and_save_forward_passes(arch, monkeypatch):
+    """The block runner's stored outputs of frozen modules and its early stops give bit-identical
+    quantized weights to recomputing everything (budget 0), with fewer attention forward passes."""
+    calls = {"attn": 0}
+    attn = {"llama": "self_attn", "qwen2": "self_attn", "opt": "self_attn", "gpt2": "attn"}[arch]
+
+    # count the attention computations themselves (the class forward, which a stored output skips)
+    cls = type(next(m for n, m in build(arch).named_modules() if n.endswith("." + attn)))
+    real = cls.forward
+
+    def forward(self, *a, **k):
+        calls["attn"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cls, "forward", forward)
+    results = []
+    for budget in (0, None):
+        calls["attn"] = 0
+        model = build(arch)
+        res = quantize_model(model, GPTQConfig(bits=3, group_size=32), windows(), progress=False, batch_size=4,
+                             cache_budget=budget)
+        results.append((res, calls["attn"], logits(model, windows(4, seed=2))))
+    (plain, n_plain, l_plain), (reused, n_reused, l_reused) = results
+    assert plain.qweights.keys() == reused.qweights.keys()
+    assert all(qw_equal(plain.qweights[k], reused.qweights[k]) for k in plain.qweights)
+    assert torch.equal(l_plain, l_reused)
+    assert n_reused < n_plain, (n_reused, n_plain)
+
+
+def test_each_linear_runs_about_once_per_batch(monkeypatch):
+    """LLaMA, 2 blocks, 4 batches: the block runner computes each linear once per batch, plus what batch 0
+    needs to learn that q/k/v and gate/up share their input and that self_attn / mlp pass o_proj's /
+    down_proj's output through: 58 products. Re-running the block per group (q/k/v, o, gate/up, down, then
+    the advance) costs 3 + 4 + 6 + 7 + 7 products per batch: 188 here."""
+    import torch.nn.functional as F
+
+    n = {"calls": 0}
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **k: (n.__setitem__("calls", n["calls"] + 1), real(*a, **k))[1])
+    quantize_model(build("llama"), GPTQConfig(bits=3, group_size=32), windows(), progress=False, batch_size=4)
+    # per block: q,k on batch 0 (group {q,k,v}); q,k,v × 4 (group o); o × 4 + gate on batch 0 (group
+    # {gate,up}); gate, up × 4 (group down); down × 4 to advance (block 0 only)
+    assert n["calls"] == (2 + 12 + 5 + 8) * 2 + 4
+
+
+def test_hessian_upper_triangle_accumulation_matches_float64():
+    from lowbit.methods import stats
+
+    g = torch.Generator().manual_seed(0)
+    d = 2 * stats.STRIP + 37  # three strips, the last one short
+    xs = [torch.randn(n, d, generator=g) * torch.linspace(0.1, 3, d) for n in (100, 7, 300)]
+    acc = StatsAccumulator(d)
+    for x in xs:
+        acc.add(x)
+    X = torch.cat(xs).double()
+    ref = 2 * X.T @ X / X.shape[0]
+    H = acc.result().hessian
+    assert torch.equal(H, H.T)  # exactly symmetric by construction
+    assert ((H.double() - ref).norm() / ref.norm()) < 1e-6
+
+
 # ---- layer selection
 
 

@@ -280,14 +280,12 @@ def test_rtn_sqnr_monotone_and_floors(sym):
 def test_invalid_inputs_raise_lowbit_error():
     w = torch.randn(8, 96)
     with pytest.raises(LowbitError):
-        affine_qparams(w, 4, False, 64)  # 64 does not divide 96
-    with pytest.raises(LowbitError):
         affine_qparams(w, 4, False, -2)
     for bits in (0, 1, 9, 16):
         with pytest.raises(LowbitError):
             affine_qparams(w, bits, False, -1)
     with pytest.raises(LowbitError):
-        mxint_quantize(w, 4, 64)  # block does not divide
+        mxint_quantize(w, 4, 0)
     for bits in (1, 9):
         with pytest.raises(LowbitError):
             mxint_quantize(w, bits, 16)
@@ -298,8 +296,6 @@ def test_invalid_inputs_raise_lowbit_error():
             rtn_quantize(wb, RTNConfig(bits=4, group_size=32))
         with pytest.raises(LowbitError):
             rtn_quantize(wb, RTNConfig(bits=4, format="mxint", block_size=16))
-    with pytest.raises(LowbitError):
-        rtn_quantize(w, RTNConfig(bits=4, group_size=64))
     with pytest.raises(LowbitError):
         rtn_quantize(w[0], RTNConfig(bits=4, group_size=32))  # 1-D
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lowbit.cli import app
-from lowbit.data import data_dir
+from lowbit.data import TINYSHAKESPEARE, corpus_text
 from lowbit.errors import LowbitError
 from lowbit.io.native import load_quantized
 from lowbit.methods.config import RTNConfig
@@ -29,7 +29,7 @@ TEXT = ""  # set by the small_text fixture
 def small_text(tmp_path_factory):
     global TEXT
     TEXT = str(tmp_path_factory.mktemp("qat-text") / "shakespeare-80k.txt")
-    Path(TEXT).write_text((data_dir() / "tinyshakespeare" / "input.txt").read_text()[:80_000])
+    Path(TEXT).write_text(corpus_text(TINYSHAKESPEARE)[:80_000])
     return TEXT
 
 
@@ -155,7 +155,7 @@ def test_chat_jsonl_qlora_and_cli(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--bits", "1"], "bit width"),
-    (["--group-size", "48"], "does not divide"),
+    (["--group-size", "-3"], "group size"),
     (["--method", "awq"], "unknown finetune method"),
     (["--dataset", "text"], "needs a file"),
     (["--dataset", "text", "--data-file", "/nonexistent.txt"], "does not exist"),

@@ -238,8 +238,8 @@ def test_corrupt_meta_or_missing_tensor_raises(corrupt):
 @pytest.mark.parametrize(
     "name,corrupt",
     [
-        # same packed word count, wrong column count: 250·4 bits still fits 32 words
-        ("rtn4-False-64", lambda t, m: m.__setitem__("shape", [96, 250])),
+        # wrong column count: 190 columns are 3 groups of 64 (the last partial), the record has 4
+        ("rtn4-False-64", lambda t, m: m.__setitem__("shape", [96, 190])),
         ("rtn4-False-64", lambda t, m: t.__setitem__("grid.scale", t["grid.scale"][:, :3].contiguous())),
         ("rtn4-False-64", lambda t, m: t.__setitem__("grid.scale", t["grid.scale"][:50].contiguous())),
         ("rtn4-False-64", lambda t, m: m["grid"].__setitem__("group_size", 128)),

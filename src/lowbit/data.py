@@ -1,13 +1,22 @@
 """Text corpora and the token windows cut from them.
 
-Local copies live in a data directory (see `data_dir`); the hub loaders are a fallback for people
-with a network. The WikiText-2 test text follows the GPTQ protocol exactly so perplexities are
-comparable with the papers, and the 2000 local C4 documents are split by index so that training,
-calibration and held-out evaluation never share a document.
+Where a corpus file comes from, first found wins:
+1. the data directory (`data_dir`: an explicit `--data`, else $LOWBIT_DATA, else `../shared/data` next to
+   the repository or the working directory), plain or gzipped (`NAME.gz`);
+2. the copies that ship inside the package (`lowbit/corpora/`, gzipped): WikiText-2 raw test, the 2000
+   local C4 validation documents and tiny-shakespeare, so a fresh clone runs the demo and the tests with
+   no data folder and no network. Every known file is checked against its sha256 when read;
+3. the Hugging Face hub (`datasets`), for people with a network who point lowbit at no copy.
+
+The WikiText-2 test text follows the GPTQ protocol exactly so perplexities are comparable with the
+papers, and the 2000 C4 documents are split by index so that calibration and held-out evaluation never
+share a document.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import random
@@ -24,9 +33,17 @@ WIKITEXT2_VALID_TOKENIZED = "wikitext-2/valid.txt"
 C4_JSONL = "c4/c4-validation-2k.jsonl"
 TINYSHAKESPEARE = "tinyshakespeare/input.txt"
 WIKITEXT2_TEST_CHARS = 1_294_336  # length of the GPTQ-protocol text; a cheap integrity check
+PACKAGED = Path(__file__).resolve().parent / "corpora"
+# sha256 of the decompressed bytes: a damaged copy (shared folder or package) fails loudly, not subtly.
+SHA256 = {
+    WIKITEXT2_TEST: "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+    C4_JSONL: "86d6fb3b4c5e682c7d158e454b4b60ad58c6458856775443b634290a45ae5dfe",
+    TINYSHAKESPEARE: "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+}
 
-# Fixed split of the 2000 local C4 documents by index. The reference model trains on C4_TRAIN only;
-# quantizers calibrate on C4_CALIB; C4_HELDOUT is an evaluation set nobody has seen.
+# Fixed split of the 2000 local C4 documents by index. C4_TRAIN trains the tiny test model's
+# neighbours (never the calibration or held-out documents); quantizers calibrate on C4_CALIB;
+# C4_HELDOUT is an evaluation set no calibration has seen.
 C4_N_DOCS = 2000
 C4_TRAIN = range(0, 1500)
 C4_CALIB = range(1500, 1800)
@@ -36,29 +53,49 @@ C4_SPLITS = {"train": C4_TRAIN, "calib": C4_CALIB, "heldout": C4_HELDOUT}
 _HUB_C4_FILE = "en/c4-validation.00000-of-00008.json.gz"
 
 
-def data_dir(explicit: str | Path | None = None) -> Path:
-    """The data directory: `explicit`, else $LOWBIT_DATA, else ../shared/data next to the repo or cwd."""
-    if explicit is not None or os.environ.get(ENV_DATA):
-        path = Path(explicit if explicit is not None else os.environ[ENV_DATA]).expanduser()
-        if not path.is_dir():
-            source = "given data directory" if explicit is not None else f"${ENV_DATA}"
-            raise LowbitError(f"{source} {path} is not a directory; point it at the shared data folder")
-        return path
+def _shared_dir() -> Path | None:
     repo_root = Path(__file__).resolve().parents[2]
     for candidate in (repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
         if candidate.is_dir():
             return candidate
-    raise LowbitError(f"no data directory found; set ${ENV_DATA} or pass --data to the folder holding "
-                      "wikitext-2-raw/, c4/, tinyshakespeare/")
+    return None
 
 
-def text_file(path: str | Path) -> str:
-    """A whole UTF-8 text file; LowbitError if it is missing, empty or not UTF-8."""
+def data_dir(explicit: str | Path | None = None) -> Path:
+    """The data directory: `explicit`, else $LOWBIT_DATA, else ../shared/data next to the repo or cwd,
+    else the corpora shipped with the package."""
+    if explicit is not None or os.environ.get(ENV_DATA):
+        path = Path(explicit if explicit is not None else os.environ[ENV_DATA]).expanduser()
+        if not path.is_dir():
+            source = "given data directory" if explicit is not None else f"${ENV_DATA}"
+            raise LowbitError(f"{source} {path} is not a directory; point it at a folder holding "
+                              "wikitext-2-raw/, c4/, tinyshakespeare/ (or unset it to use the packaged copies)")
+        return path
+    return _shared_dir() or PACKAGED
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise LowbitError(f"cannot read {path}: {err}") from None
+
+
+def text_file(path: str | Path, sha256: str | None = None) -> str:
+    """A whole UTF-8 text file (gzip when it ends in .gz); LowbitError if it is missing, empty, not
+    UTF-8, or (with `sha256`) not the expected bytes."""
     path = Path(path)
     if not path.is_file():
         raise LowbitError(f"text file {path} does not exist")
+    raw = _read_bytes(path)
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise LowbitError(f"{path} is damaged (its sha256 is not the published file's); restore it or "
+                          "delete it to fall back to the packaged copy")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise LowbitError(f"text file {path} is not UTF-8 ({err.reason} at byte {err.start})") from None
     if not text.strip():
@@ -66,13 +103,33 @@ def text_file(path: str | Path) -> str:
     return text
 
 
+def corpus_path(rel: str, data: str | Path | None = None) -> Path | None:
+    """The first copy of corpus file `rel` (plain or .gz): data directory, then the packaged copies."""
+    roots = [data_dir(data)]
+    if roots[0] != PACKAGED:
+        roots.append(PACKAGED)
+    for root in roots:
+        for name in (rel, rel + ".gz"):
+            if (root / name).is_file():
+                return root / name
+    return None
+
+
+def corpus_text(rel: str, data: str | Path | None = None) -> str:
+    """The text of corpus file `rel` from `corpus_path`, checked against its known sha256."""
+    path = corpus_path(rel, data)
+    if path is None:
+        raise LowbitError(f"corpus file {rel} found neither in {data_dir(data)} nor in the packaged corpora")
+    return text_file(path, SHA256.get(rel))
+
+
 def _local(rel: str, data: str | Path | None) -> tuple[Path | None, str]:
     """The local file if present, else None plus why (so a hub failure can explain both)."""
     try:
-        path = data_dir(data) / rel
+        path = corpus_path(rel, data)
     except LowbitError as err:
         return None, str(err)
-    return (path, "") if path.is_file() else (None, f"{path} does not exist")
+    return (path, "") if path is not None else (None, f"{data_dir(data) / rel} does not exist")
 
 
 def _hub_error(what: str, local_why: str, err: Exception) -> LowbitError:
@@ -84,7 +141,7 @@ def wikitext2_test_text(data: str | Path | None = None) -> str:
     """WikiText-2 raw test text joined the GPTQ way (1,294,336 characters)."""
     path, why = _local(WIKITEXT2_TEST, data)
     if path is not None:
-        raw = text_file(path)
+        raw = text_file(path, SHA256[WIKITEXT2_TEST])
         # Split on "\n" only: str.splitlines would also break on rare Unicode separators.
         parts = raw.split("\n")
         lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
@@ -125,7 +182,7 @@ def c4_documents(data: str | Path | None = None) -> list[str]:
         except Exception as err:
             raise _hub_error("C4 documents not found", why, err) from err
     docs: list[str] = []
-    for n, line in enumerate(text_file(path).splitlines(), start=1):
+    for n, line in enumerate(text_file(path, SHA256[C4_JSONL]).splitlines(), start=1):
         if not line.strip():
             continue
         try:

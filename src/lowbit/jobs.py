@@ -15,6 +15,7 @@ import torch
 
 from lowbit import data as datasets
 from lowbit.errors import LowbitError
+from lowbit.eval.protocol import Protocol
 from lowbit.io.atomic import atomic_write_text
 from lowbit.recipe import Recipe
 
@@ -59,7 +60,7 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     t0 = time.perf_counter()
     # composed stages (lowbit.pipeline.stages): prune in memory, then quantize, then fine-tune
     teacher = stages.keep_teacher(model, recipe.finetune)
-    pruned = (stages.prune_stage(model, recipe.prune, calib, getattr(recipe.quant, "group_size", None))
+    pruned = (stages.prune_stage(model, recipe.prune, calib)
               if recipe.prune is not None else None)
     recipe, plan_files = _budget_plan(model, recipe, calib, progress)
     result = quantize_model(
@@ -112,36 +113,53 @@ def _budget_plan(model, recipe: Recipe, calib, progress: bool) -> tuple[Recipe, 
                                                                      "predicted_kl": plan.predicted_kl})}
 
 
-def wikitext2_windows(tokenizer, model, seqlen: int | None = None, max_windows: int | None = None,
-                      data: str | None = None) -> torch.Tensor:
-    """The WikiText-2 test windows `eval_job` evaluates: [n, seqlen] tokens, seqlen defaulting to
-    min(2048, the model's max positions)."""
-    seqlen = seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    return datasets.eval_windows(tokenizer, datasets.wikitext2_test_text(data), seqlen, max_windows)
+def protocol_windows(tokenizer, protocol: Protocol, data: str | None = None) -> torch.Tensor:
+    """The WikiText-2 test windows of `protocol`: [n, seqlen] tokens."""
+    return datasets.eval_windows(tokenizer, datasets.wikitext2_test_text(data), protocol.seqlen, protocol.windows)
 
 
-def eval_job(model_path: str, *, base: str | None = None, seqlen: int | None = None,
-             max_windows: int | None = None, kl_windows: int | None = 128, data: str | None = None,
-             batch_size: int = 8, progress: bool = True, model=None, tokenizer=None, base_model=None,
-             windows: torch.Tensor | None = None) -> dict:
-    """WikiText-2 test perplexity (GPTQ protocol) and, with a base model, KL(base ‖ model) on the first
-    `kl_windows` windows. Pre-loaded models, and the test `windows` already tokenized (`wikitext2_windows`),
-    may be passed to avoid reloading."""
-    from lowbit.eval.kl import kl_divergence
-    from lowbit.eval.perplexity import perplexity
+def base_outputs(base_model, key: str, windows: torch.Tensor, protocol: Protocol, progress: bool = True):
+    """The base model's cached outputs on `windows` (`lowbit.eval.evaluate.BaseOutputs`), computed for
+    the windows not cached yet. `key` names the base weights (`lowbit.eval.protocol.model_key`)."""
+    from lowbit.eval.evaluate import BaseOutputs
+    from lowbit.reference import cache_root
+
+    base = BaseOutputs.for_model(cache_root() / "base-outputs", key, windows, protocol.dataset)
+    base.fill(base_model, protocol.batch_size, progress)
+    return base
+
+
+def eval_job(model_path: str, *, base: str | None = None, protocol: Protocol | None = None,
+             data: str | None = None, progress: bool = True, model=None, tokenizer=None, base_model=None,
+             base_key: str | None = None, windows: torch.Tensor | None = None) -> dict:
+    """Perplexity of the model at `model_path` under `protocol` (default: the `full` profile) and, with a
+    base model (`base` path or `base_model` + `base_key`), KL(base ‖ model) and top-1 agreement on the
+    same windows. Pre-loaded models and tokenized `windows` (`protocol_windows`) avoid reloading."""
+    from lowbit.eval.evaluate import evaluate
+    from lowbit.eval.protocol import get_protocol, model_key
     from lowbit.io.native import load_model
 
+    protocol = protocol or get_protocol("full")
     if model is None:
         model, tokenizer = load_model(model_path)
     if windows is None:
-        windows = wikitext2_windows(tokenizer, model, seqlen, max_windows, data)
-    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
-    res = {"ppl": ppl.ppl, "seqlen": ppl.seqlen, "n_windows": ppl.n_windows, "n_tokens": ppl.n_tokens,
-           "tokenizer": getattr(tokenizer, "name_or_path", "?")}
+        if tokenizer is None:
+            raise LowbitError(f"{model_path} has no tokenizer files; the evaluation text cannot be tokenized")
+        windows = protocol_windows(tokenizer, protocol, data)
+    ref = None
     if base is not None or base_model is not None:
         if base_model is None:
             base_model, _ = load_model(base)
-        kw = windows if kl_windows is None else windows[:kl_windows]
-        kl = kl_divergence(model, base_model, kw, batch_size=batch_size)
-        res.update({"kl": kl.kl_mean, "top1_agreement": kl.top1_agreement, "kl_windows": kw.shape[0]})
-    return res
+        key = base_key or (model_key(base) if base is not None else None)
+        if key is None:
+            from lowbit.fingerprint import weights_fingerprint
+
+            key = f"model-{weights_fingerprint(base_model)[:12]}"
+        ref = base_outputs(base_model, key, windows, protocol, progress)
+    res = evaluate(model, windows, ref, batch_size=protocol.batch_size, progress=progress)
+    out = res.as_dict()
+    out["eval_seconds"] = out.pop("seconds")
+    out.update({"tokenizer": getattr(tokenizer, "name_or_path", "?"), "protocol": protocol.model_dump()})
+    if ref is not None:
+        out["kl_windows"] = res.n_windows
+    return out

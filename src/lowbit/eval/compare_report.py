@@ -26,7 +26,7 @@ COLUMNS = [("recipe", "name"), ("setting", "setting"), ("bits/weight", "bits_per
            ("codes", "bpw_codes"), ("meta", "bpw_meta"), ("outliers", "bpw_outliers"), ("low-rank", "bpw_lowrank"),
            ("ppl", "ppl"), ("KL", "kl"), ("top-1", "top1_agreement"), ("KL front", "front_kl"),
            ("ppl front", "front_ppl"), ("calibration", "calibration"), ("quantize s", "quantize_seconds"),
-           ("eval s", "eval_seconds")]
+           ("peak MB", "peak_memory_mb"), ("eval s", "eval_seconds")]
 
 
 def with_fronts(rows: list[dict], baseline: dict) -> list[dict]:
@@ -55,16 +55,17 @@ def machine_note() -> str:
 
 
 def _notes(info: dict, rows: list[dict]) -> list[tuple[str, str]]:
-    ev, s = info["eval"], info["settings"]
+    ev, prov = info["eval"], info.get("provenance", {})
     reused = [r["name"] for r in rows if r.get("resumed")]
+    commit = prov.get("commit")
     return [
-        ("Model", info["model"]),
-        ("Evaluation", f"{ev['dataset']}, seqlen {ev['seqlen']}, {ev['n_windows']} windows "
-                       f"({ev['n_tokens']} predicted tokens), tokenizer {ev['tokenizer']}; KL(fp ‖ quantized) in "
-                       f"nats/token and top-1 agreement on the first {ev['kl_windows']} windows; batch size "
-                       f"{s['batch_size']}. The same windows for every run."),
+        ("Model", f"{info['model']} (key {prov.get('model', {}).get('key', '?')})"),
+        ("Protocol", f"{ev['protocol']}; tokenizer {ev['tokenizer']}; KL(fp ‖ quantized) in nats per position. "
+                     "The same windows and the same calibration windows for every run."),
         ("Calibration", "per run, in the calibration column: dataset, windows × tokens, seed "
                         "('none (data-free)': the method read no data)."),
+        ("Provenance", f"lowbit {prov.get('lowbit')} at commit {commit[:12] + (' (with local changes)' if prov.get('dirty') else '') if commit else 'unknown'}, "
+                       f"torch {prov.get('torch')}, transformers {prov.get('transformers')}, {prov.get('device')}"),
         ("Bits per weight", "every stored bit of the quantized linears over their weight count: codes; meta = "
                             "scales, zeros, g_idx, exponents, codebooks; outliers = values and positions; "
                             "low-rank = factors and their scales. Embeddings, norms and lm_head stay in "
@@ -158,7 +159,7 @@ def pareto_png(table: list[dict], info: dict) -> bytes:
             ax.set_xlim(min(xs) - 0.08 * span, max(xs) + 0.3 * span)  # room for the labels on the right
     ev = info["eval"]
     fig.suptitle(f"{Path(info['model']).name}: WikiText-2 test, seqlen {ev['seqlen']}, {ev['n_windows']} windows "
-                 f"(KL on {ev['kl_windows']})", fontsize=11)
+                 f"(perplexity and KL on the same windows)", fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

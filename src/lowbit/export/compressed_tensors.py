@@ -9,7 +9,9 @@ and ŵ = (q_signed − zp_signed)·scale. Our codes q ∈ [0, 2^b) with zero z a
 zp_signed = z − 2^(b−1), so the stored (offset) values are exactly our codes and zeros, and the packed
 words are exactly `formats.packing.pack` of them: the export is lossless. A symmetric grid (z = 2^(b−1))
 is CT's symmetric (zp = 0). Layers with different grids become different `config_groups` (mixed precision).
-Act-order with dynamic groups (g_idx) is refused: compressed-tensors 0.20 removed actorder "group".
+Act-order with dynamic groups (g_idx) is refused: compressed-tensors 0.20 removed actorder "group". So is a
+partial last group (input dimension not a multiple of the group size): CT computes ⌈in/g⌉ scales but its
+group dequantization refuses a partial group.
 
 Scales are stored in fp32 when the model is fp32 (our fp16 scales exactly, and CT dequantizes in the
 scale's dtype, so Ŵ is bit-exact), otherwise in fp16.
@@ -70,6 +72,13 @@ def export_compressed_tensors(src: Source, out: Path, *, dtype: torch.dtype | No
                               lowrank_adapter: bool = False) -> Path:
     require_uniform(src, "compressed-tensors", CT_BITS, split_lowrank=lowrank_adapter)
     for name, qw in src.qweights.items():
+        gs, cols = qw.grid.group_size, qw.shape[1]
+        if gs > 0 and cols % gs:
+            raise refuse("compressed-tensors", name, f"has {cols} input columns, which groups of {gs} do not divide "
+                         f"(shape {list(qw.shape)}: the last group holds {cols % gs} columns), and compressed-tensors' "
+                         "group dequantization requires the group size to divide the input dimension",
+                         "quantize with a group size that divides every input dimension (e.g. 64 or 32 for "
+                         "576/1536), or use --format gptq / gguf / dequantized")
         if qw.grid.g_idx is not None:
             raise refuse("compressed-tensors", name, "uses act-order with dynamic groups (g_idx), which "
                          "compressed-tensors ≥ 0.20 no longer stores (actorder 'group' was removed)",

@@ -7,7 +7,8 @@ ggml block types (ggml-common.h; k-quants PR #1684), 32 weights along the input 
 Nibble j of a block sits in byte j % 16, low half for j < 16, high half otherwise. Our grid maps exactly:
 a symmetric 4-bit grid (zero 8) is Q4_0 with d = s; an asymmetric one is Q4_1 with d = s, m = −z·s when
 that product is an fp16 number (checked, else refused); a symmetric 8-bit grid (zero 128) is Q8_0 with
-q8 = q − 128. Groups of 32·k columns (and per-channel grids) repeat their scale over k blocks. Anything
+q8 = q − 128. Groups of 32·k columns (and per-channel grids) repeat their scale over k blocks; a partial
+last group (input dimension not a multiple of the group size, still of 32) covers fewer blocks. Anything
 else (3-bit, other groups, codebooks, outliers, low-rank terms) is refused: re-quantizing would change
 the weights. LLaMA-family tensors are renamed and Q/K rows permuted as llama.cpp's convert_hf_to_gguf.py
 does (a row permutation: blocks stay intact); unquantized tensors are written in F32.
@@ -87,11 +88,11 @@ def block_bytes(qw, qtype: str) -> np.ndarray:
     nb = cols // BLOCK
     s, z = per_row(g, rows)
     rep = group_size_of(g, cols) // BLOCK
-    d = s.to(torch.float16).repeat_interleave(rep, dim=1)  # [rows, nb]
+    d = s.to(torch.float16).repeat_interleave(rep, dim=1)[:, :nb]  # [rows, nb]; a partial group has fewer blocks
     parts = [d.numpy().view(np.uint8).reshape(rows, nb, 2)]
     q = qw.codes.reshape(rows, nb, BLOCK)
     if qtype == "Q4_1":
-        m = (-z.float() * s.float()).to(torch.float16).repeat_interleave(rep, dim=1)
+        m = (-z.float() * s.float()).to(torch.float16).repeat_interleave(rep, dim=1)[:, :nb]
         parts.append(m.numpy().view(np.uint8).reshape(rows, nb, 2))
     if qtype in ("Q4_0", "Q4_1"):
         parts.append((q[..., :16] | (q[..., 16:] << 4)).numpy().astype(np.uint8))

@@ -6,7 +6,9 @@ Per linear layer (GPTQModel `nn_modules/qlinear`, AutoGPTQ `qlinear_cuda_old`):
     qzeros   int32 [G, ⌈out·b/32⌉]    zero − 1 (the v1 convention), packed along the output dimension
     scales   fp16  [G, out]
     g_idx    int32 [in]               group of each input column (c // group_size without act-order)
-and ŵ[o, c] = (q[o, c] − (qzeros[g, o] + 1))·scales[g, o], g = g_idx[c]. Our packing already is GPTQ's
+and ŵ[o, c] = (q[o, c] − (qzeros[g, o] + 1))·scales[g, o], g = g_idx[c]. G = ⌈in / group size⌉: a partial last
+group is one more row of scales and zeros that g_idx points to (GPTQModel's torch kernel runs it; kernels
+that require in % group size == 0, such as exllama and marlin, are not selected for such a layer). Our packing already is GPTQ's
 bitstream, so qweight = pack(codes)ᵀ and qzeros = pack((zero − 1)ᵀ). Lossless, except that v1 cannot hold a
 zero point of 0 (it would be stored as −1): such layers are refused. Every quantized layer must share one
 (bits, group size, symmetric) setting; unquantized linears inside blocks are listed in `dynamic` as "-:".

@@ -18,7 +18,12 @@ Two families:
   therefore loses one step at the top (max 1.0 → 0.875 for MXINT4); that is the authors' behaviour.
 
 Granularity for uniform grids, by `group_size`: −1 per output channel, 0 per tensor, g > 0 groups of g
-input columns (g must divide the input dimension).
+consecutive input columns. When g does not divide the input dimension the last group is partial (it
+holds in mod g columns and has its own scale and zero), as in GPTQ/AutoGPTQ, AutoRound and llama.cpp
+practice: 576 columns in groups of 128 are four groups of 128 and one of 64, so a model's default group
+size works on any layer. Group-local math runs on `group_pieces`: the full groups as one [R, G, g] view
+and the partial group as a second [R, 1, r] view, so a partial group is computed exactly as a group of
+its own size would be (no padding to mask out).
 """
 
 from __future__ import annotations
@@ -37,25 +42,39 @@ def check_bits(bits: int) -> None:
 
 
 def n_groups(in_features: int, group_size: int) -> int:
-    """Number of scale groups along the input dimension (1 for per-channel and per-tensor)."""
+    """Number of scale groups along the input dimension: ⌈in / g⌉ (1 for per-channel and per-tensor)."""
     if group_size in (-1, 0):
         return 1
     if group_size < 0:
         raise LowbitError(f"group size {group_size} is invalid: use -1 (per channel), 0 (per tensor) or > 0")
-    if in_features % group_size:
-        raise LowbitError(
-            f"group size {group_size} does not divide the input dimension {in_features}"
-        )
-    return in_features // group_size
+    return -(-in_features // group_size)
 
 
-def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View [rows, cols] as [rows, groups, g] (per tensor: [1, 1, rows·cols])."""
+def group_pieces(w: torch.Tensor, group_size: int) -> list[torch.Tensor]:
+    """[rows, cols] as views [rows, G_i, g_i] covering the columns in order: the full groups, then the
+    partial last group when g does not divide cols (per tensor: one [1, 1, rows·cols] piece)."""
     rows, cols = w.shape
     if group_size == 0:
-        return w.reshape(1, 1, rows * cols)
-    g = cols if group_size == -1 else group_size
-    return w.reshape(rows, cols // g, g)
+        return [w.reshape(1, 1, rows * cols)]
+    g = cols if group_size == -1 else min(group_size, cols)
+    full = cols // g * g
+    pieces = [w[:, :full].reshape(rows, cols // g, g)] if full else []
+    if full < cols:
+        pieces.append(w[:, full:].reshape(rows, 1, cols - full))
+    return pieces
+
+
+def per_group(fn, w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """fn applied to every piece of `group_pieces` ([R, G_i, g_i] → [R, G_i, ...]), joined: [R, G, ...]."""
+    return torch.cat([fn(p) for p in group_pieces(w, group_size)], dim=1)
+
+
+def per_entry(fn, w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """fn applied to every piece ([R, G_i, g_i] → same shape), joined back to w's [rows, cols] layout."""
+    out = [fn(p) for p in group_pieces(w, group_size)]
+    if group_size == 0:
+        return out[0].reshape(w.shape)
+    return torch.cat([o.reshape(w.shape[0], -1) for o in out], dim=1)
 
 
 def affine_qparams(
@@ -68,9 +87,9 @@ def affine_qparams(
     check_bits(bits)
     n_groups(w.shape[1], group_size)
     maxq = 2**bits - 1
-    wg = grouped(w.float(), group_size)
-    xmin = wg.amin(dim=-1).clamp(max=0)
-    xmax = wg.amax(dim=-1).clamp(min=0)
+    wf = w.float()
+    xmin = per_group(lambda p: p.amin(dim=-1), wf, group_size).clamp(max=0)
+    xmax = per_group(lambda p: p.amax(dim=-1), wf, group_size).clamp(min=0)
     if symmetric:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
@@ -93,7 +112,7 @@ def expand_group_param(p: torch.Tensor, shape: torch.Size, group_size: int, g_id
     """Broadcast a per-group parameter [R, G] to the weight shape [rows, cols].
 
     `g_idx[c]` names the group of input column c (GPTQ act-order with dynamic groups); without it the
-    group of column c is c // group_size.
+    group of column c is c // group_size (the last group may be partial).
     """
     rows, cols = shape
     if g_idx is not None:
@@ -101,7 +120,7 @@ def expand_group_param(p: torch.Tensor, shape: torch.Size, group_size: int, g_id
     if group_size == 0:
         return p.expand(rows, cols)
     g = cols if group_size == -1 else group_size
-    return p.repeat_interleave(g, dim=1).expand(rows, cols)
+    return p.repeat_interleave(g, dim=1)[:, :cols].expand(rows, cols)
 
 
 def affine_quantize(
@@ -143,9 +162,11 @@ def mxint_quantize(
     """
     if not 2 <= bits <= 8:
         raise LowbitError(f"unsupported MXINT width {bits}: choose 2..8")
-    if x.shape[-1] % block_size:
-        raise LowbitError(f"MXINT block size {block_size} does not divide the last dimension {x.shape[-1]}")
-    xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    if block_size < 1:
+        raise LowbitError(f"MXINT block size {block_size} must be positive")
+    n = x.shape[-1]
+    # A short last block: zero padding leaves its max|x|, hence its exponent and codes, unchanged.
+    xb = _blocks(x.float(), block_size)
     lo, hi = mxint_exponent_range(exp_bits)
     amax = xb.abs().amax(dim=-1, keepdim=True)
     # log2(0) = −inf clamps to the smallest exponent; every element of such a block is 0 anyway.
@@ -154,14 +175,21 @@ def mxint_quantize(
     # |x|·2^−e first (≤ 1, exact), then ·2^(b−1): a single factor 2^(b−1−e) overflows float32 to inf
     # at e = −127 (all-zero or tiny blocks), giving 0·inf = NaN codes and wrong codes for tiny values.
     mag = torch.round(xb.abs() * torch.exp2(-e) * 2 ** (bits - 1)).clamp(0, mmax)
-    codes = (torch.sign(xb) * mag).to(torch.int8).reshape(x.shape)
+    codes = (torch.sign(xb) * mag).to(torch.int8).flatten(-2)[..., :n]
     return codes, e.squeeze(-1).to(torch.int16)
 
 
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[..., n] → [..., ⌈n/b⌉, b], the last block zero-padded when b does not divide n."""
+    n = x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, -n % block_size))
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+
+
 def mxint_dequantize(codes: torch.Tensor, exponent: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
-    cb = codes.float().reshape(*codes.shape[:-1], codes.shape[-1] // block_size, block_size)
+    cb = _blocks(codes.float(), block_size)
     step = torch.exp2(exponent.float() - (bits - 1)).unsqueeze(-1)
-    return (cb * step).reshape(codes.shape)
+    return (cb * step).flatten(-2)[..., :codes.shape[-1]]
 
 
 def fake_quantize_mxint(x: torch.Tensor, bits: int, block_size: int, exp_bits: int = 8) -> torch.Tensor:

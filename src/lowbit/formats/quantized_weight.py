@@ -180,9 +180,7 @@ def lowrank_factor_dequantize(kind: str, q: torch.Tensor, s: torch.Tensor | None
         return q.float()
     if kind == "int8":
         return q.float() * s.float()[:, None]
-    n = q.shape[1]
-    pad = torch.nn.functional.pad(q.float(), (0, -n % block_size))
-    return mxint_dequantize(pad, s, 8, block_size)[:, :n]
+    return mxint_dequantize(q.float(), s, 8, block_size)
 
 
 @dataclass
@@ -383,8 +381,8 @@ class QuantizedWeight:
         elif isinstance(g, CodebookGrid):
             g.check(self.shape, self.codes)
         else:
-            need(g.block_size > 0 and cols % g.block_size == 0, f"block size {g.block_size} does not divide {cols}")
-            blocks = (rows, cols // g.block_size)
+            need(g.block_size > 0, f"block size {g.block_size}")
+            blocks = (rows, -(-cols // g.block_size))  # a short last block when the size does not divide
             need(tuple(g.exponent.shape) == blocks, f"exponent shape {tuple(g.exponent.shape)}, {blocks} expected")
         if self.outliers is not None:
             i, v = self.outliers.index, self.outliers.values

@@ -10,7 +10,9 @@ activation dtype. The ops are fast only with bf16 activations (fp32 runs 10-100x
 ŵ = (q − z)·s = (q − 8)·s + (8 − z)·s, so s' = s and z' = (8 − z)·s: exact in fp32; in bf16 s' and z'
 are rounded to 8 significant bits (relative error ≤ 2^-9 each). Any uniform grid of ≤ 4 bits fits
 (codes < 16), asymmetric or symmetric; per-channel and per-tensor grids repeat their one (s, z) over
-groups of 256 (or the largest allowed size dividing the input dimension). The op needs N % 16 == 0.
+groups of 256 (or the largest allowed size dividing the input dimension). The op needs N % 16 == 0 and
+K a multiple of the group size: a partial last group (K mod g columns) is zero-padded to a whole group,
+in the packed codes once and in the activations per call (x·0 adds nothing, whatever the padded codes).
 
 **int8** (`aten._weight_int8pack_mm`): y = x·(w8·s)ᵀ with w8 int8 and one scale per output channel.
 Ours (5-8 bits, per channel or per tensor): ŵ = (q − z)·s = (q − 128)·s + (128 − z)·s, so
@@ -46,6 +48,7 @@ class Int4Packed:
     scale_zero: torch.Tensor  # [K/group, N, 2] in the activation dtype: (s', z')
     group_size: int
     out_features: int
+    in_features: int  # K of the layer; the packed operand may hold more (padding of a partial group)
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scale_zero.numel() * self.scale_zero.element_size()
@@ -64,27 +67,29 @@ def int4_reason(qw: QuantizedWeight) -> str | None:
         return f"output features {rows} not a multiple of 16"
     if g.group_size > 0 and g.group_size not in INT4_GROUP_SIZES:
         return f"group size {g.group_size} not in {INT4_GROUP_SIZES}"
-    if g.group_size <= 0 and not any(cols % k == 0 for k in INT4_GROUP_SIZES):
-        return f"input features {cols} not a multiple of 32"
     return None
 
 
 def prepare_int4(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> Int4Packed:
     g, (rows, cols) = qw.grid, qw.shape
     s, z = _per_row_group(g, rows)
-    gs = g.group_size if g.group_size > 0 else next(k for k in INT4_GROUP_SIZES if cols % k == 0)
+    gs = g.group_size if g.group_size > 0 else next((k for k in INT4_GROUP_SIZES if cols % k == 0), 32)
+    G = -(-cols // gs)
     if g.group_size <= 0:  # one (s, z) per row: repeat it over every op group
-        s, z = s.expand(rows, cols // gs), z.expand(rows, cols // gs)
+        s, z = s.expand(rows, G), z.expand(rows, G)
     zp = (8 - z).float() * s  # exact in fp32 (≤ 9-bit integer times an fp16 value)
     scale_zero = torch.stack([s.T, zp.T], dim=-1).to(dtype).contiguous()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32).contiguous(), 1)
-    return Int4Packed(packed, scale_zero, gs, rows)
+    codes = torch.nn.functional.pad(qw.codes.to(torch.int32), (0, G * gs - cols), value=8)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    return Int4Packed(packed, scale_zero, gs, rows, cols)
 
 
 def int4_mm(x: torch.Tensor, p: Int4Packed) -> torch.Tensor:
     """x [..., K] → x·Ŵᵀ [..., N] in x's dtype (the op wants 2-D, contiguous, dtype == scales')."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
+    pad = p.scale_zero.shape[0] * p.group_size - p.in_features
+    x2 = torch.nn.functional.pad(x2, (0, pad)) if pad else x2.contiguous()
     sz = p.scale_zero if p.scale_zero.dtype == x.dtype else p.scale_zero.to(x.dtype)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p.packed, p.group_size, sz)
     return y.reshape(*lead, p.out_features)

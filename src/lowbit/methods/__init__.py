@@ -24,7 +24,7 @@ from lowbit.methods.squeezellm import squeezellm_quantize
 from lowbit.methods.stats import LayerStats, StatsAccumulator
 
 __all__ = ["AWQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
-           "needs_calibration", "parse_method_config", "quantize_weight"]
+           "needs_activation_stats", "needs_calibration", "parse_method_config", "quantize_weight"]
 
 MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig, Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(MethodConfigField)
@@ -81,6 +81,13 @@ def needs_calibration(config: MethodConfig) -> bool:
     """True when the method (or its low-rank step's activation scale) needs input statistics."""
     lr = getattr(config, "lqer", None)
     return _entry(config)[1] or (lr is not None and lr.scale != "none")
+
+
+def needs_activation_stats(config: MethodConfig) -> bool:
+    """True when the method reads mean|x| statistics (AWQ's activation scale, L²QER's act-mean scale);
+    the pipeline then accumulates them beside the Hessian."""
+    lr = getattr(config, "lqer", None)
+    return config.method == "awq" or (lr is not None and lr.scale == "act-mean")
 
 
 def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodConfig, *,

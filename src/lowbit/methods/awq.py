@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.quant_primitives import SCALE_DTYPE, fake_quantize_affine, grouped
+from lowbit.formats.quant_primitives import SCALE_DTYPE, expand_group_param, fake_quantize_affine, group_pieces, per_group
 from lowbit.methods.config import AWQConfig, GPTQConfig, RTNConfig
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.rtn import rtn_quantize
@@ -99,33 +99,35 @@ def clip_search(Wp: torch.Tensor, Hp: torch.Tensor, cfg: AWQConfig,
     errors [n_ratios, out, G])."""
     out, inp = Wp.shape
     gs = inp if cfg.group_size == -1 else cfg.group_size
-    G = inp // gs
-    Wg = grouped(Wp.float(), gs)  # [out, G, g]
-    Hb = torch.stack([Hp[j * gs : (j + 1) * gs, j * gs : (j + 1) * gs] for j in range(G)]).to(dtype)  # [G, g, g]
-    amax = Wg.abs().amax(-1, keepdim=True)  # [out, G, 1]
     ratios = clip_ratios(cfg).float()
     step = max(1, CHUNK_ELEMS // (out * inp))
-    errs = []
-    for i in range(0, len(ratios), step):
-        m = amax[None] * ratios[i : i + step, None, None, None]  # [k, out, G, 1]
-        Wc = torch.maximum(torch.minimum(Wg[None], m), -m)
-        k = m.shape[0]
-        Q = fake_quantize_affine(Wc.reshape(k * out, inp), cfg.bits, cfg.symmetric, gs).view(k, out, G, gs)
-        D = (Wg[None] - Q).to(dtype)  # against the unclipped W': clipping error counts
-        DH = torch.einsum("kogi,gij->kogj", D, Hb)
-        errs.append((DH * D).sum(-1))
-    errs = torch.cat(errs)  # [n_ratios, out, G]
+    errs, c0 = [], 0
+    for Wg in group_pieces(Wp.float(), gs):  # [out, G, g]: the full groups, then a partial last group
+        G, g = Wg.shape[1:]
+        Hb = torch.stack([Hp[c0 + j * g:c0 + (j + 1) * g, c0 + j * g:c0 + (j + 1) * g] for j in range(G)]).to(dtype)
+        c0 += G * g
+        amax = Wg.abs().amax(-1, keepdim=True)  # [out, G, 1]
+        piece = []
+        for i in range(0, len(ratios), step):
+            m = amax[None] * ratios[i : i + step, None, None, None]  # [k, out, G, 1]
+            Wc = torch.maximum(torch.minimum(Wg[None], m), -m)
+            # Each (row, group) is its own min-max grid: RTN per row of a [k·out·G, g] view.
+            Q = fake_quantize_affine(Wc.reshape(-1, g), cfg.bits, cfg.symmetric, -1).view(Wc.shape)
+            D = (Wg[None] - Q).to(dtype)  # against the unclipped W': clipping error counts
+            DH = torch.einsum("kogi,gij->kogj", D, Hb)
+            piece.append((DH * D).sum(-1))
+        errs.append(torch.cat(piece))  # [n_ratios, out, G]
+    errs = torch.cat(errs, dim=2)
+    amax = per_group(lambda p: p.abs().amax(-1), Wp.float(), gs)
     best = torch.argmin(errs, dim=0)  # first minimum: ties keep the larger ratio (less clipping), as the authors
-    max_val = amax.squeeze(-1) * ratios[best]
+    max_val = amax * ratios[best]
     return max_val, best, errs
 
 
 def apply_clip(Wp: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
     """W' clamped to [−m, m] per (row, group)."""
-    gs = Wp.shape[1] if group_size == -1 else group_size
-    Wg = grouped(Wp, gs)
-    m = max_val[..., None]
-    return torch.maximum(torch.minimum(Wg, m), -m).reshape(Wp.shape)
+    m = expand_group_param(max_val, Wp.shape, group_size)
+    return torch.maximum(torch.minimum(Wp, m), -m)
 
 
 def awq_search(W: torch.Tensor, stats: LayerStats | None, cfg: AWQConfig, dtype=torch.float32):

@@ -34,7 +34,6 @@ class UniformColumnGrid:
     def __init__(self, W: torch.Tensor, bits: int, symmetric: bool, group_size: int,
                  static_groups: bool, perm: torch.Tensor | None):
         rows, cols = W.shape
-        n_groups(cols, group_size)
         self.bits, self.symmetric = bits, symmetric
         self.maxq = 2**bits - 1
         self.perm = perm
@@ -46,9 +45,9 @@ class UniformColumnGrid:
             self.scale, self.zero = affine_qparams(W, bits, symmetric, group_size)
             self._col_group = self._static_col_group(cols, perm)
         else:
-            g = group_size
-            self.scale = torch.empty(rows, cols // g, dtype=torch.float16)
-            self.zero = torch.empty(rows, cols // g, dtype=torch.int32)
+            G = n_groups(cols, group_size)  # the last group may be partial
+            self.scale = torch.empty(rows, G, dtype=torch.float16)
+            self.zero = torch.empty(rows, G, dtype=torch.int32)
         self._s = self._z = None
 
     def _static_col_group(self, cols: int, perm):
@@ -62,15 +61,24 @@ class UniformColumnGrid:
         self.zero[:, j // self._gs] = z[:, 0]
         self._s, self._z = s[:, 0].float(), z[:, 0].float()
 
+    def _static_columns(self, dtype: torch.dtype):
+        """Every sweep column's (scale, zero) as rows of [cols, out] tensors in `dtype`, built once: the
+        sweep then reads one contiguous row per column instead of gathering and casting."""
+        if getattr(self, "_cols", None) is None or self._cols[0].dtype != dtype:
+            s, z = self.scale.to(dtype), self.zero.to(dtype)
+            g = self._col_group
+            self._cols = (s[:, g].T.contiguous(), z[:, g].T.contiguous())
+        return self._cols
+
     def quantize_column(self, w: torch.Tensor, j: int):
         if self.static:
-            g = self._col_group[j]
-            s = self.scale[:, g] if self.scale.shape[0] > 1 else self.scale[0, g].expand_as(w)
-            z = self.zero[:, g] if self.zero.shape[0] > 1 else self.zero[0, g].expand_as(w)
-            s, z = s.to(w.dtype), z.to(w.dtype)
+            S, Z = self._static_columns(w.dtype)
+            s, z = S[j].expand_as(w), Z[j].expand_as(w)  # per tensor: one row of length 1
         else:
-            s, z = self._s.to(w.dtype), self._z.to(w.dtype)
-        q = torch.clamp(torch.round(w / s) + z, 0, self.maxq)
+            if self._s.dtype != w.dtype:
+                self._s, self._z = self._s.to(w.dtype), self._z.to(w.dtype)
+            s, z = self._s, self._z
+        q = torch.round(w / s).add_(z).clamp_(0, self.maxq)
         return q.to(torch.uint8), (q - z) * s
 
     def finish(self, perm: torch.Tensor | None) -> UniformGrid:

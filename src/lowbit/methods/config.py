@@ -73,8 +73,8 @@ class ActQuantConfig(BaseModel):
 class WeightQuantConfig(BaseModel):
     """Settings every weight quantizer shares.
 
-    group_size: −1 per output channel, 0 per tensor, g > 0 groups of g input columns (must divide the
-    input dimension of every quantized layer).
+    group_size: −1 per output channel, 0 per tensor, g > 0 groups of g input columns (the last group of a
+    layer is partial when g does not divide its input dimension).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -88,8 +88,8 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, grid: ColumnGrid, block_size: i
             codes_t[j] = q
             err = Err1[i]
             torch.sub(w, wq, out=err).div_(d_all[i])
-            loss += float(err.square().sum()) / 2
             W1[i:].addr_(U1[i, i:], err, alpha=-1)
+        loss += float(Err1.square().sum()) / 2  # Σ over the block's columns of Σ err²/2
         W[:, i1:i2] = W1.T
         if i2 < cols:
             W[:, i2:].addmm_(Err1.T, U[i1:i2, i2:], alpha=-1)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.quant_primitives import affine_qparams, grouped
+from lowbit.formats.quant_primitives import affine_qparams, group_pieces
 from lowbit.formats.quantized_weight import QuantizedWeight, UniformGrid
 from lowbit.methods.config import HQQConfig
 from lowbit.methods.validate import check_weight
@@ -101,12 +101,23 @@ def hqq_quantize(W: torch.Tensor, config: HQQConfig) -> QuantizedWeight:
     bits, gs = config.bits, config.group_size
     maxq = 2**bits - 1
     scale, _ = affine_qparams(W, bits, False, gs)  # RTN's min-max scale [R, G] (fp16, validates bits/groups)
-    Wg = grouped(W.float().contiguous(), gs)
-    s = scale.float().unsqueeze(-1)
-    # Unrounded min-max zero −min/s, with affine_qparams' range (0 included; an all-zero group spans [−1, 1]).
-    lo, hi = Wg.amin(-1, keepdim=True).clamp(max=0), Wg.amax(-1, keepdim=True).clamp(min=0)
-    lo = torch.where((lo == 0) & (hi == 0), -1.0, lo)
-    z = hqq_zero(Wg, s, -lo / s, config)
-    codes = hqq_codes(Wg, s, z, maxq).to(torch.uint8).reshape(W.shape)
-    zero = z.squeeze(-1).to(torch.int32 if config.zero == "int" else ZERO_DTYPE)
+    zs, codes = [], []
+    # The full groups and a partial last group (group_pieces) are each solved as groups of their own size.
+    for Wg, sc in zip(group_pieces(W.float().contiguous(), gs), _split_like(scale, gs, W.shape[1])):
+        s = sc.float().unsqueeze(-1)
+        # Unrounded min-max zero −min/s, with affine_qparams' range (0 included; an all-zero group spans [−1, 1]).
+        lo, hi = Wg.amin(-1, keepdim=True).clamp(max=0), Wg.amax(-1, keepdim=True).clamp(min=0)
+        lo = torch.where((lo == 0) & (hi == 0), -1.0, lo)
+        z = hqq_zero(Wg, s, -lo / s, config)
+        zs.append(z.squeeze(-1))
+        codes.append(hqq_codes(Wg, s, z, maxq).to(torch.uint8))
+    codes = codes[0].reshape(W.shape) if gs == 0 else torch.cat([c.reshape(W.shape[0], -1) for c in codes], 1)
+    zero = torch.cat(zs, 1).to(torch.int32 if config.zero == "int" else ZERO_DTYPE)
     return QuantizedWeight(W.shape, W.dtype, UniformGrid(bits, gs, False, scale, zero), codes)
+
+
+def _split_like(p: torch.Tensor, group_size: int, cols: int) -> list[torch.Tensor]:
+    """Per-group parameters [R, G] split as `group_pieces` splits the columns (full groups | partial)."""
+    if group_size <= 0 or cols % group_size == 0:
+        return [p]
+    return [p[:, :-1], p[:, -1:]] if cols > group_size else [p]

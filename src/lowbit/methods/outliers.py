@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.quant_primitives import grouped, n_groups
+from lowbit.formats.quant_primitives import n_groups, per_entry
 from lowbit.formats.quantized_weight import Outliers
 
 Rule = Literal["group-z", "magnitude", "range"]
@@ -54,20 +54,22 @@ def reserved_count(fraction: float, numel: int) -> int:
 
 def outlier_scores(W: torch.Tensor, group_size: int, rule: Rule = "range") -> torch.Tensor:
     """Score [out, in] (float64): how far each entry pushes its (row, group)'s range, by `rule`."""
-    rows, cols = W.shape
-    n_groups(cols, group_size)
-    g = grouped(W.double(), group_size)  # [R, G, gs]
-    dev = (g - g.mean(dim=-1, keepdim=True)).abs()
-    if rule == "group-z":
-        sd = g.std(dim=-1, correction=0, keepdim=True)
-        score = torch.where(sd > 0, dev / torch.where(sd > 0, sd, 1.0), 0.0)
-    elif rule == "magnitude":
-        score = dev / W.double().std(correction=0).clamp(min=1e-300)
-    elif rule == "range":
-        score = _range_gain(g)
-    else:
+    if rule not in RULES:
         raise LowbitError(f"unknown outlier rule {rule!r}: choose one of {RULES}")
-    return score.reshape(rows, cols)
+    n_groups(W.shape[1], group_size)
+    Wd = W.double()
+    layer_sd = Wd.std(correction=0).clamp(min=1e-300)
+
+    def score(g: torch.Tensor) -> torch.Tensor:  # one piece [R, G, n] of group_pieces
+        if rule == "range":
+            return _range_gain(g)
+        dev = (g - g.mean(dim=-1, keepdim=True)).abs()
+        if rule == "magnitude":
+            return dev / layer_sd
+        sd = g.std(dim=-1, correction=0, keepdim=True)
+        return torch.where(sd > 0, dev / torch.where(sd > 0, sd, 1.0), 0.0)
+
+    return per_entry(score, Wd, group_size)
 
 
 def _range_gain(g: torch.Tensor) -> torch.Tensor:

@@ -33,15 +33,26 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return ((delta @ hessian) * delta).sum()
 
 
-class StatsAccumulator:
-    """Running H = (2/N) Σ xxᵀ, mean|x| and the max over `add` calls of the per-call mean|x|, in float32,
-    updated batch by batch (as the GPTQ reference; each `add` is one calibration batch)."""
+# Width of the row strips of H's upper triangle: H[i:i+S, i:] += x[:, i:i+S]ᵀ·x[:, i:] computes about
+# half of xᵀx (d²/2 + d·S/2 products instead of d²); narrower strips lose GEMM efficiency. 128 gave
+# 0.64–0.65× the time of the full product at d = 576 and 1536 (4096 tokens, 2 threads).
+STRIP = 128
 
-    def __init__(self, in_features: int, hessian: bool = True):
+
+class StatsAccumulator:
+    """H = (2/N) Σ xxᵀ, mean|x| and the max over `add` calls of the per-call mean|x|, in float32, fed batch
+    by batch (each `add` is one calibration batch).
+
+    The sum S = Σ xxᵀ is accumulated unscaled and only in its upper triangle (H is symmetric); `result()`
+    mirrors it and scales by 2/N once. (The GPTQ reference rescales H at every batch; in float32 the two
+    differ by rounding only, and the unscaled sum spares a copy of x and a pass over H per batch.)"""
+
+    def __init__(self, in_features: int, hessian: bool = True, activations: bool = True):
         self.n = 0
         self.H = torch.zeros(in_features, in_features) if hessian else None
-        self.mean_abs = torch.zeros(in_features)
-        self.mean_abs_max = torch.zeros(in_features)  # mean|x| ≥ 0, so 0 is the identity of max
+        # mean|x| and its per-batch maximum (≥ 0, so 0 is the identity of max); None when not wanted
+        self.mean_abs = torch.zeros(in_features) if activations else None
+        self.mean_abs_max = torch.zeros(in_features) if activations else None
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -50,15 +61,18 @@ class StatsAccumulator:
         if m == 0:
             return
         total = self.n + m
-        a = x.abs().sum(0)
-        self.mean_abs.mul_(self.n / total).add_(a, alpha=1 / total)
-        torch.maximum(self.mean_abs_max, a / m, out=self.mean_abs_max)
+        if self.mean_abs is not None:
+            a = x.abs().sum(0)
+            self.mean_abs.mul_(self.n / total).add_(a, alpha=1 / total)
+            torch.maximum(self.mean_abs_max, a / m, out=self.mean_abs_max)
         if self.H is not None:
-            self.H.mul_(self.n / total)
-            xs = x * (2 / total) ** 0.5
-            self.H.addmm_(xs.T, xs)
+            for i in range(0, x.shape[1], STRIP):
+                self.H[i:i + STRIP, i:].addmm_(x[:, i:i + STRIP].T, x[:, i:])
         self.n = total
 
     def result(self) -> LayerStats:
-        return LayerStats(hessian=self.H, act_mean_abs=self.mean_abs, nsamples=self.n,
+        H = None
+        if self.H is not None:
+            H = (self.H.triu() + self.H.triu(1).T) * (2 / self.n) if self.n else self.H.clone()
+        return LayerStats(hessian=H, act_mean_abs=self.mean_abs, nsamples=self.n,
                           act_mean_abs_max=self.mean_abs_max)

@@ -36,8 +36,9 @@ from lowbit.errors import LowbitError
 from lowbit.fingerprint import sha, tensor_bytes
 from lowbit.progress import OptionalProgress, peak_memory_mb
 from lowbit.formats.quantized_weight import QuantizedWeight
-from lowbit.methods import MethodConfig, StatsAccumulator, needs_calibration, quantize_weight
+from lowbit.methods import MethodConfig, StatsAccumulator, needs_activation_stats, needs_calibration, quantize_weight
 from lowbit.methods.stats import output_error
+from lowbit.pipeline.block_runner import BlockRunner
 from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
 from lowbit.models.swap import make_quant_linear, swap_in
 from lowbit.nn.quant_linear import QuantLinear, replace_module
@@ -112,12 +113,6 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and isinstance(a, (int, float, str, bool)) and a == b)
 
 
-def _run(block: nn.Module, hidden: torch.Tensor, ctx: tuple[tuple, dict]) -> Any:
-    args, kwargs = ctx
-    out = block(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float | None:
     """‖X(W−Ŵ)ᵀ‖_F / ‖XWᵀ‖_F from H = (2/N) XᵀX alone: ‖XΔᵀ‖²_F = (N/2)·tr(Δ H Δᵀ), N/2 cancels."""
     num, den = output_error(W - Wq, H), output_error(W, H)
@@ -186,37 +181,6 @@ def _capture(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batc
 # ---- one block
 
 
-def _collect(model: nn.Module, block: nn.Module, group: list[str], hessian: bool,
-             hidden: list, ctxs: list) -> dict[str, StatsAccumulator]:
-    """Run the block on every batch with hooks feeding the group's inputs into accumulators.
-
-    The forward stops as soon as every layer of the group has seen its input (later layers are not needed).
-    """
-    accs, fired, handles = {}, set(), []
-    for name in group:
-        mod = model.get_submodule(name)
-        accs[name] = StatsAccumulator(layer_weight(mod).shape[1], hessian=hessian)
-
-        def hook(m, inp, out, name=name):
-            accs[name].add(inp[0].detach())
-            fired.add(name)
-            if len(fired) == len(group):
-                raise _Caught
-
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        for h, ctx in zip(hidden, ctxs):
-            fired.clear()
-            try:
-                _run(block, h, ctx)
-            except _Caught:
-                pass
-    finally:
-        for hd in handles:
-            hd.remove()
-    return accs
-
-
 def _quantize_layer(model: nn.Module, name: str, block_idx: int, config: MethodConfig, orig_dtype: torch.dtype,
                     acc: StatsAccumulator | None, measure: bool) -> tuple[QuantizedWeight, LayerRecord]:
     module = model.get_submodule(name)
@@ -262,12 +226,15 @@ def quantize_model(
     progress: bool = True,
     on_layer: Callable[[LayerRecord], None] | None = None,
     measure_error: bool | None = None,
+    cache_budget: int | None = None,
 ) -> QuantizeResult:
     """Quantize `model` in place (its linears become QuantLinears) and return every QuantizedWeight.
 
     calib: token windows [n, seqlen] (LongTensor) for HF models; for a generic nn.Module, any batch-first
     input tensor its forward accepts. measure_error: None = report the relative output error whenever
     statistics are collected anyway (data-driven methods); True = also run the data for RTN.
+    cache_budget: bytes of frozen sub-module outputs a block may keep for reuse (`BlockRunner`; default
+    max(2 GiB, twice the block's calibration activations); 0 recomputes everything, same result).
     """
     t_start = time.perf_counter()
     adapter = get_adapter(model)
@@ -319,12 +286,11 @@ def quantize_model(
             for i in range(start, len(blocks)):
                 name, block = blocks[i]
                 bars.block(name, sum(map(len, groups[i])))
-                done = _quantize_block(model, block, i, groups[i], configs, hidden, ctxs, use_data, measure,
-                                       bars, on_layer, records)
-                qweights.update(done)
                 last = i == len(blocks) - 1
-                if use_data and not last:
-                    _advance(block, hidden, ctxs)
+                done = _quantize_block(model, block, i, groups[i], configs, hidden, ctxs, use_data, measure,
+                                       bars, on_layer, records, prefix=name, advance=use_data and not last,
+                                       cache_budget=cache_budget)
+                qweights.update(done)
                 if ckpt is not None:
                     ckpt.save_block(i, done, records, None if (last or not use_data) else hidden)
                 bars.block_done()
@@ -360,17 +326,25 @@ def _block_inputs(model, adapter, first_block, calib, batch_size):
 
 
 def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, measure, bars, on_layer,
-                    records) -> dict[str, QuantizedWeight]:
-    """True-sequential quantization of one block, in float32 (cast back to its dtype afterwards)."""
+                    records, prefix: str = "", advance: bool = False, cache_budget: int | None = None):
+    """True-sequential quantization of one block, in float32 (cast back to its dtype afterwards).
+
+    With `advance`, `hidden` is replaced in place by the quantized block's outputs (the next block's
+    inputs): one block's activations live at a time. The block's sub-modules run through a
+    `BlockRunner`, which reuses the outputs of modules that can no longer change."""
     dtype = _float_dtype(block)
     dtypes = {n: layer_weight(model.get_submodule(n)).dtype for g in groups for n in g}
     if use_data and dtype not in (None, torch.float32):
         block.float()
     out = {}
+    budget = cache_budget if cache_budget is not None else max(2 << 30, 2 * sum(_tensor_bytes(h) for h in hidden or []))
+    runner = (BlockRunner(model, block, prefix, hidden, ctxs, {n for g in groups for n in g}, budget)
+              if use_data else None)
     try:
         for group in groups:
             data = any(needs_calibration(configs[n]) for n in group) or measure
-            accs = _collect(model, block, group, True, hidden, ctxs) if use_data and data else {}
+            acts = any(needs_activation_stats(configs[n]) for n in group)
+            accs = runner.collect(group, activations=acts) if use_data and data else {}
             for name in group:
                 qw, rec = _quantize_layer(model, name, idx, configs[name], dtypes[name], accs.pop(name, None),
                                           measure)
@@ -379,6 +353,10 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
                 bars.layer(name)
                 if on_layer is not None:
                     on_layer(rec)
+            if runner is not None:
+                runner.done(group)
+        if advance and runner is not None:
+            hidden[:] = [_f32(h) for h in runner.outputs()]
     finally:
         if use_data and dtype not in (None, torch.float32):
             block.to(dtype)
@@ -388,20 +366,8 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
     return out
 
 
-def _advance(block: nn.Module, hidden: list, ctxs: list) -> None:
-    """Replace each batch's inputs by the quantized block's outputs, in place: one block's activations live."""
-    dtype = _float_dtype(block)
-    if dtype not in (None, torch.float32):
-        block.float()
-    try:
-        for j, (h, ctx) in enumerate(zip(hidden, ctxs)):
-            hidden[j] = _f32(_run(block, h, ctx))
-    finally:
-        if dtype not in (None, torch.float32):
-            block.to(dtype)
-        for m in block.modules():
-            if isinstance(m, QuantLinear):
-                m._cache = None
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 # ---- resume

@@ -52,11 +52,10 @@ class FinetuneStageConfig(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- prune
 
-def prune_stage(model: nn.Module, cfg, calib: torch.Tensor | None, group_size: int | None = None) -> dict:
+def prune_stage(model: nn.Module, cfg, calib: torch.Tensor | None) -> dict:
     """Prune `model` in place (UDFC). Returns the report plus {"original_shapes": {linear: [out, in]}}.
-    `group_size`: the quantizer's; the kept channel count (down_proj's input) must be a multiple of it."""
+    Any kept channel count works with any group size: down_proj's last group is partial when needed."""
     from lowbit.models.adapters import layer_shape
-    from lowbit.prune.criteria import n_pruned
     from lowbit.prune.hf import mlp_blocks, prune_hf
 
     if cfg.bits is not None:
@@ -65,13 +64,6 @@ def prune_stage(model: nn.Module, cfg, calib: torch.Tensor | None, group_size: i
     blocks = mlp_blocks(model)
     shapes = {f"{name}.mlp.{p}": list(layer_shape(getattr(mlp, p)))
               for name, mlp, _ in blocks for p in ("gate_proj", "up_proj", "down_proj")}
-    n = blocks[0][1].gate_proj.out_features if blocks else 0
-    kept = n - n_pruned(n, cfg.ratio)
-    if group_size and group_size > 0 and kept % group_size:
-        lo, hi = kept // group_size * group_size, -(-kept // group_size) * group_size
-        ratios = ", ".join(f"{(n - k) / n:.4f} ({n - k} channels)" for k in (hi, lo) if 0 < k < n)
-        raise LowbitError(f"prune.ratio {cfg.ratio} keeps {kept} of {n} MLP channels, which the quantizer's group "
-                          f"size {group_size} does not divide (down_proj's input); choose e.g. ratio {ratios}")
     # data-light moments come from the recipe's calibration windows (calib_samples / calib_seqlen are the
     # `lowbit prune` command's own settings and are not used here)
     _, report, _ = prune_hf(model, cfg, calib if cfg.data_light else None, inplace=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.quant_primitives import SCALE_DTYPE, check_bits, expand_group_param, grouped, n_groups
+from lowbit.formats.quant_primitives import SCALE_DTYPE, check_bits, expand_group_param, n_groups, per_group
 from lowbit.formats.quantized_weight import QuantizedWeight, UniformGrid
 
 SCALE_MIN = 2.0**-24  # smallest fp16 subnormal, the floor affine_qparams uses too
@@ -35,7 +35,7 @@ SCALE_MAX = 65504.0  # largest fp16
 
 def group_sum(t: torch.Tensor, group_size: int) -> torch.Tensor:
     """Σ over each group: [rows, cols] → [R, G] (the gradient of a per-group parameter)."""
-    return grouped(t, group_size).sum(-1)
+    return per_group(lambda p: p.sum(-1), t, group_size)
 
 
 def expand(p: torch.Tensor, shape: torch.Size, group_size: int) -> torch.Tensor:
@@ -103,6 +103,7 @@ def l4q_init_scale(W: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     of s, which moves the extreme weight by < 0.1% of a step). An all-zero group gets s = 1."""
     check_grid(tuple(W.shape), bits, group_size)
     qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    wg = grouped(W.float(), group_size)
-    s = torch.maximum(wg.amin(-1).abs() / qn, wg.amax(-1).abs() / qp)
+    Wf = W.float()
+    lo, hi = per_group(lambda p: p.amin(-1), Wf, group_size), per_group(lambda p: p.amax(-1), Wf, group_size)
+    s = torch.maximum(lo.abs() / qn, hi.abs() / qp)
     return torch.where(s > 0, s, torch.ones_like(s))
