@@ -31,7 +31,7 @@ RESULTS = Path(__file__).parent / "results"
 COLUMNS = ["method", "bits", "group_size", "rank", "bits_per_weight", "ppl", "kl", "top1_agreement", "steps",
            "train_seconds", "peak_memory_mb", "loss"]
 MEM_COLUMNS = ["model", "method", "trainable_params", "rss_before_mb", "train_peak_mb", "train_added_mb", "seconds_per_step"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ENV = dict(os.environ)
 # Memory probes: large blocks always from mmap, so a freed tensor returns to the OS at once and VmHWM is the
 # peak of live memory; with glibc's adaptive threshold, the transient [out, in] tensors of the QAT backwards
 # land on the heap and fragment it, and VmHWM then measures the allocator, not the method.
@@ -53,24 +53,25 @@ def _merge(path: Path, rows: list[dict], key) -> list[dict]:
 
 
 def quality(a) -> None:
-    import torch
-
-    torch.set_num_threads(1)
+    from lowbit.eval.protocol import get_protocol, model_key, provenance
     from lowbit.eval.report import results_table
     from lowbit.io.native import load_model
     from lowbit.jobs import eval_job
     from lowbit.reference import build_reference
 
     ref = str(build_reference())
+    proto = get_protocol(a.profile)
     base, tok = load_model(ref)
-    model_id = Path(ref).name  # reference-<config hash>: outputs and rows of another reference model are never reused
+    model_id = model_key(ref)  # outputs and rows of another reference model are never reused
     work = Path(a.work) / model_id
     rows = []
+    a.provenance = provenance(ref, proto, training={"steps": a.steps, "batch_size": a.batch_size, "seqlen": 256,
+                                                   "loss": a.loss, "lr": a.lr, "lr_quant": a.lr_quant})
 
     def evaluate(out: Path) -> dict:
         m, _ = load_model(str(out))
-        ev = eval_job(str(out), model=m, tokenizer=tok, base_model=base, seqlen=256, max_windows=a.ppl_windows,
-                      kl_windows=a.kl_windows, data=a.data, progress=False)
+        ev = eval_job(str(out), model=m, tokenizer=tok, base_model=base, base_key=model_id, protocol=proto,
+                      data=a.data, progress=False)
         return {"ppl": ev["ppl"], "kl": ev["kl"], "top1_agreement": ev["top1_agreement"]}
 
     for bits in a.bits:
@@ -84,7 +85,8 @@ def quality(a) -> None:
             out = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-w{bits}g{g}r{a.rank}"
             if method in ("rtn", "gptq"):
                 _run([sys.executable, "-m", "lowbit.cli", "quantize", ref, "-o", str(out), "--method", method,
-                      "--bits", str(bits), "--group-size", str(g), "--overwrite", "--quiet"])
+                      "--bits", str(bits), "--group-size", str(g), "--calib-samples", str(proto.calib_samples),
+                      "--calib-seqlen", str(proto.calib_seqlen), "--overwrite", "--quiet"])
                 s = json.loads((out / "lowbit.json").read_text())["summary"]
                 row = {"method": method, "bits": bits, "group_size": g, "bits_per_weight": s["bits_per_weight"],
                        "steps": 0, "train_seconds": s["quantize_seconds"], "peak_memory_mb": s["peak_memory_mb"]}
@@ -93,7 +95,7 @@ def quality(a) -> None:
                        "--bits", str(bits), "--group-size", str(g), "--rank", str(a.rank), "--steps", str(a.steps),
                        "--lr", str(a.lr), "--lr-quant", str(a.lr_quant), "--batch-size", str(a.batch_size),
                        "--seqlen", "256", "--loss", a.loss, "--eval-every", "0", "--checkpoint-every", "0",
-                       "--threads", "1", "--overwrite", "--quiet"]
+                       "--overwrite", "--quiet"]
                 if method == "qlora":
                     cmd += ["--init-from", "gptq", "--adapter-dtype", a.adapter_dtype]
                 if a.init_from and method in ("l4q", "lr-qat"):
@@ -113,28 +115,21 @@ def quality(a) -> None:
 
 
 NOTE = (
-    "Reference model (5.5M-parameter LLaMA). WikiText-2 test perplexity on the first 256 windows of 256 tokens; "
-    "KL(fp32 ‖ q) in nats/token on the first 64. All linears of the decoder blocks quantized with groups of "
-    "`group_size` input columns, asymmetric storage (n-bit codes + fp16 scale + packed n-bit zero per group: "
-    "bits/weight = n + (16 + n)/g); lm_head and embeddings in fp32. bits_per_weight counts everything stored, "
-    "adapters included. QAT runs: 100 steps of 4 × 256-token windows of C4 training documents (seed 0, the same "
-    "batches for every method), loss `kd` (KL to the fp32 model), AdamW, lr 2e-3 (adapters) and 1e-4 "
-    "(steps/offsets) unless the label says otherwise, 10% warm-up then cosine, grad clip 1, alpha/rank = 1/rank. "
-    "QLoRA-style = GPTQ g128 base + LoRA, exported as a LowRank term: fp16 factors, or '(int8 adapter)': the "
-    "trained factors rounded to int8 with one fp16 scale per row (8·r·(in+out) + 16·(in+r) bits). L4Q: "
-    "L4Q_init, learned step and integer-snapped offset per group. LR-QAT: min-max grid s₀/z₀, fp32 Φ₀, learned "
-    "s. '(gptq init)': the run starts exactly at the GPTQ model of the same bits and group size (L4Q: W₀ := "
-    "Ŵ_GPTQ with its grid; LR-QAT: Φ₀ := GPTQ's integer codes). A label ending in 'lr X' / 'lr-quant X' "
-    "changes only that learning rate; a rank other than 4 is in the rank column. GPTQ: 128 C4 "
-    "calibration windows of 256 tokens. Matched bits: compare g64 rows (3.297) with QLoRA-style r2 int8 "
-    "(3.288), g32 rows (3.594) with QLoRA-style r4 fp16 (3.533) and r8 int8 (3.577). train_seconds = "
-    "optimisation only (quantize seconds for PTQ), one torch thread, 2 CPU cores shared with up to 10 other "
-    "processes: timings are noisy and not comparable across rows. peak_memory_mb = VmHWM of the whole "
-    "process (model load included).")
+    "Reference model SmolLM2-135M-Instruct (dequantized Q4_1 weights). Evaluation: the protocol in each row's "
+    "provenance (WikiText-2 test, seqlen 512, perplexity, KL(fp ‖ q) and top-1 agreement on the same windows). "
+    "All linears of the decoder blocks quantized with groups of `group_size` input columns (576-wide inputs: a "
+    "partial last group), asymmetric storage; embeddings in fp32. bits_per_weight counts everything stored, "
+    "adapters included. QAT runs: `steps` optimizer steps of 4 × 256-token windows of C4 training documents "
+    "(seed 0, the same batches for every method), loss `kd` (KL to the fp model), AdamW, lr 2e-3 (adapters) and "
+    "1e-4 (steps/offsets), 10% warm-up then cosine, grad clip 1, alpha/rank = 1/rank. QLoRA-style = GPTQ base + "
+    "LoRA exported as a low-rank term (fp16 factors). L4Q: L4Q_init, learned step and integer-snapped offset per "
+    "group, LoRA merged before the quantizer. LR-QAT: min-max grid, fp32 Φ₀, learned s. GPTQ/RTN: the "
+    "protocol's calibration windows. train_seconds = optimisation only (quantize seconds for PTQ) on 2 CPU "
+    "cores; peak_memory_mb = VmHWM of the whole process (model load included).")
 
 
 # the settings NOTE describes; a run with others goes to qat_custom.* with its settings in the note
-NOTE_SETTINGS = {"steps": 100, "batch_size": 4, "loss": "kd", "ppl_windows": 256, "kl_windows": 64, "data": None}
+NOTE_SETTINGS = {"steps": 100, "batch_size": 4, "loss": "kd", "data": None}
 
 
 def _save(rows: list[dict], a) -> None:
@@ -153,11 +148,11 @@ def _save(rows: list[dict], a) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         key = lambda r: (r.get("model"), r["method"], r["bits"], r["group_size"],  # noqa: E731
                          r.get("rank"), r.get("loss"))
-        path = RESULTS / f"{stem}.json"
+        path = RESULTS / a.profile / f"{stem}.json"
         merged = _merge(path, rows, key)
         first = lambda r: order.index(r["method"].split()[0]) if r["method"].split()[0] in order else 99  # noqa: E731
         merged.sort(key=lambda r: (-r["bits"], -r["group_size"], first(r), r["method"]))
-        write_results(merged, RESULTS, stem, COLUMNS, note=note)
+        write_results(merged, RESULTS / a.profile, stem, COLUMNS, note=note, provenance=a.provenance)
     finally:
         os.close(lock)  # releases the flock
 
@@ -253,13 +248,13 @@ def memory(a) -> None:
             "lsq: every weight trainable with LSQ+ (full QAT); full-fp: plain full fine-tuning. One process per row.")
     note += (" Run with MALLOC_MMAP_THRESHOLD_=131072 so that freed large tensors leave the resident set"
              " (see MEM_ENV).")
-    write_results(rows, RESULTS, "qat_memory", MEM_COLUMNS, note=note)
+    write_results(rows, RESULTS / a.profile, "qat_memory", MEM_COLUMNS, note=note)
     print(results_table(rows, MEM_COLUMNS)[0])
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--bits", type=int, nargs="+", default=[3])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "qlora", "lr-qat", "l4q"])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -271,8 +266,7 @@ if __name__ == "__main__":
     ap.add_argument("--loss", default="kd", choices=["ce", "kd"])
     ap.add_argument("--init-from", default=None)
     ap.add_argument("--tag", default="", help="Appended to the QAT rows' method label (e.g. a changed lr).")
-    ap.add_argument("--ppl-windows", type=int, default=256)
-    ap.add_argument("--kl-windows", type=int, default=64)
+    ap.add_argument("--profile", default="quick", choices=["quick", "full"], help="evaluation protocol")
     ap.add_argument("--data", default=None)
     ap.add_argument("--work", default="/tmp/lowbit-bench-qat")
     ap.add_argument("--memory", action="store_true")

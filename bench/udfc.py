@@ -130,44 +130,46 @@ def cnn_part(seed: int = 0, epochs: int = 8) -> tuple[list[dict], str]:
     return rows, note
 
 
-def lm_part(lm_windows: int, kl_windows: int, data: str | None) -> tuple[list[dict], str]:
+def lm_part(profile: str, data: str | None) -> tuple[list[dict], str]:
     from lowbit import data as datasets
-    from lowbit.eval.kl import kl_divergence
-    from lowbit.eval.perplexity import perplexity
+    from lowbit.eval.evaluate import base_result, evaluate
+    from lowbit.eval.protocol import get_protocol, model_key
     from lowbit.io.native import load_model
+    from lowbit.jobs import base_outputs, protocol_windows
     from lowbit.prune.hf import prune_hf
-    from lowbit.reference import reference_path
+    from lowbit.reference import build_reference
 
-    path = reference_path()
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"reference model not built at {path}: run `lowbit reference build` first")
+    path = build_reference()
+    proto = get_protocol(profile)
     base, tok = load_model(path)
-    seqlen = 256
-    windows = datasets.eval_windows(tok, datasets.wikitext2_test_text(data), seqlen, lm_windows)
-    calib = datasets.calibration_windows(tok, datasets.c4_split("calib", data), 32, seqlen, 0)
-    base_ppl = perplexity(base, windows, batch_size=8).ppl
-    rows = [{"part": "lm", "ratio": 0.0, "bits": 32, "compensation": "fp32", "statistics": "—", "ppl": base_ppl, "kl": 0.0,
+    windows = protocol_windows(tok, proto, data)
+    cache = base_outputs(base, model_key(path), windows, proto)
+    calib = datasets.calibration_windows(tok, datasets.c4_split("calib", data), proto.calib_samples,
+                                         proto.calib_seqlen, proto.calib_seed)
+    fp = base_result(cache)
+    rows = [{"part": "lm", "ratio": 0.0, "bits": 32, "compensation": "fp32", "statistics": "—", "ppl": fp.ppl, "kl": 0.0,
              "top1_agreement": 1.0, "params": sum(p.numel() for p in base.parameters())}]
     runs = (("none", "none", False), ("udfc", "data-free", False), ("udfc", "data-light", True))
-    for ratio, bits in ((0.1, None), (0.2, None), (0.3, None), (0.0, 4), (0.3, 4)):
+    for ratio, bits in ((0.1, None), (0.2, None), (0.3, None), (0.0, 4), (0.2, 4)):
         for comp_name, stats, light in runs:
+            if ratio == 0.0 and comp_name != "none":
+                continue  # nothing pruned: nothing to compensate
             cfg = PruneConfig(ratio=ratio, bits=bits, compensation=comp_name, data_light=light)
             t0 = time.perf_counter()
             model, rep, _ = prune_hf(base, cfg, calib if light else None)
             secs = time.perf_counter() - t0
-            kl = kl_divergence(model, base, windows[:kl_windows], batch_size=8)
+            ev = evaluate(model, windows, cache, batch_size=proto.batch_size)
             rows.append({"part": "lm", "ratio": ratio, "bits": bits or 32, "compensation": comp_name,
-                         "statistics": stats if comp_name == "udfc" else "—",
-                         "ppl": perplexity(model, windows, batch_size=8).ppl, "kl": kl.kl_mean,
-                         "top1_agreement": kl.top1_agreement, "params": rep["parameters"], "seconds": round(secs, 2)})
-    note = (f"LM: the reference LLaMA ({path.name}), every MLP pruned by the same ratio (L2 norm of the gate/up "
-            f"rows); bits 32: fp32 weights; bits 4: the MLP linears (gate, up, down) per-channel symmetric 4-bit "
-            f"RTN (4.07 bits/weight with the fp16 scales), attention fp32, kept gate/up quantization compensated "
-            f"in the same objective. Perplexity: WikiText-2 test, seqlen {seqlen}, first {windows.shape[0]} windows "
-            f"(GPTQ protocol); KL(fp32‖pruned) nats/token over every position of the first {kl_windows} windows. "
-            "data-free: moments from the block's RMSNorm applied to N(0, I) noise (8192 samples, no text); "
-            "data-light: moments from 32 × 256-token C4 calibration windows (calib split). seconds = pruning time "
-            "on a shared 2-core CPU.")
+                         "statistics": stats if comp_name == "udfc" else "—", "ppl": ev.ppl, "kl": ev.kl,
+                         "top1_agreement": ev.top1_agreement, "params": rep["parameters"], "seconds": round(secs, 2)})
+            print(rows[-1], flush=True)
+    note = (f"LM: the reference model SmolLM2-135M-Instruct ({path.name}), every MLP pruned by the same ratio "
+            f"(L2 norm of the gate/up rows); bits 32: fp32 weights; bits 4: the MLP linears (gate, up, down) "
+            f"per-channel symmetric 4-bit RTN, attention fp32, kept gate/up quantization compensated in the same "
+            f"objective. {proto.describe(fp.n_windows, fp.n_tokens)}. data-free: moments from the block's RMSNorm "
+            f"applied to N(0, I) noise (8192 samples, no text); data-light: moments from the protocol's "
+            f"{proto.calib_samples} × {proto.calib_seqlen}-token C4 calibration windows. seconds = pruning time on "
+            "2 CPU cores.")
     return rows, note
 
 
@@ -182,29 +184,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("cnn", "lm", "all", "render"), default="all",
                     help="render: rewrite udfc.md from udfc.json without running anything")
-    ap.add_argument("--lm-windows", type=int, default=256)
-    ap.add_argument("--kl-windows", type=int, default=64)
+    ap.add_argument("--profile", default="quick", choices=["quick", "full"], help="evaluation protocol (lm part)")
     ap.add_argument("--data", default=None)
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    old = json.loads((RESULTS / "udfc.json").read_text()) if (RESULTS / "udfc.json").is_file() else {}
+    from lowbit.eval.protocol import get_protocol, provenance
+
+    out = RESULTS / a.profile
+    old = json.loads((out / "udfc.json").read_text()) if (out / "udfc.json").is_file() else {}
     parts = {p: (old.get(p, {}).get("rows", []), old.get(p, {}).get("note")) for p in ("cnn", "lm")}
     if a.part in ("cnn", "all"):
         parts["cnn"] = cnn_part()
     if a.part in ("lm", "all"):
-        parts["lm"] = lm_part(a.lm_windows, a.kl_windows, a.data)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    md = ["# UDFC bench\n\nProduced by `python bench/udfc.py --part cnn|lm|all` (defaults: `--lm-windows 256 "
-          "--kl-windows 64`); each part keeps its rows until that part is run again.\n"]
+        parts["lm"] = lm_part(a.profile, a.data)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# UDFC bench\n\nProduced by `python bench/udfc.py --part cnn|lm|all --profile {a.profile}`; each part "
+          "keeps its rows until that part is run again.\n"]
     for p, cols, title in (("cnn", CNN_COLS, "(a) CNN on sklearn digits: top-1 test accuracy"),
                            ("lm", LM_COLS, "(b) Reference LM: MLP channel pruning")):
         rows, note = parts[p]
         if rows:
             md.append(f"## {title}\n\n{results_table(rows, cols)[0]}\n{note}\n")
             print(results_table(rows, cols)[0])
-    atomic_write_text(RESULTS / "udfc.json",
-                      json.dumps({p: {"rows": r, "note": n} for p, (r, n) in parts.items()}, indent=1) + "\n")
-    atomic_write_text(RESULTS / "udfc.md", "\n".join(md))
+    from lowbit.reference import build_reference
+
+    prov = provenance(build_reference(), get_protocol(a.profile))
+    atomic_write_text(out / "udfc.json", json.dumps({**{p: {"rows": r, "note": n} for p, (r, n) in parts.items()},
+                                                     "provenance": prov}, indent=1) + "\n")
+    atomic_write_text(out / "udfc.md", "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -16,16 +16,17 @@ from pathlib import Path
 
 from lowbit.progress import log_line
 
-# (name, recipe): the baselines and, at each width, the recipe that measured best on the reference
-# model at no more bits than GPTQ g128 (bench/results/quality.md, the `full` profile).
+# (name, recipe), named as in bench/suite.py's ptq suite: the baselines and, at each width, the recipe
+# that measured best there at no more bits than GPTQ g128 (bench/results/full/tables.md). BEST names them.
 RUNS: list[tuple[str, dict]] = [
     ("rtn-w4-g128", {"quant": {"method": "rtn", "bits": 4, "group_size": 128}}),
     ("gptq-w4-g128", {"quant": {"method": "gptq", "bits": 4, "group_size": 128}}),
-    ("best-4bit", {"quant": {"method": "awq", "base": "gptq", "bits": 4, "group_size": 128}}),
+    ("awq-gptq-w4-g128", {"quant": {"method": "awq", "base": "gptq", "bits": 4, "group_size": 128}}),
     ("rtn-w3-g128", {"quant": {"method": "rtn", "bits": 3, "group_size": 128}}),
     ("gptq-w3-g128", {"quant": {"method": "gptq", "bits": 3, "group_size": 128}}),
-    ("best-3bit", {"quant": {"method": "awq", "base": "gptq", "bits": 3, "group_size": 128}}),
+    ("awq-gptq-w3-g128", {"quant": {"method": "awq", "base": "gptq", "bits": 3, "group_size": 128}}),
 ]
+BEST = {4: "awq-gptq-w4-g128", 3: "awq-gptq-w3-g128"}
 COLUMNS = ["name", "setting", "bits_per_weight", "ppl", "kl", "top1_agreement", "quantize_seconds",
            "peak_memory_mb"]
 

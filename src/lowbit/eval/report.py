@@ -84,13 +84,15 @@ def results_table(rows: Sequence[dict], columns: Sequence[str] | None = None, ti
 
 
 def write_results(rows: Sequence[dict], out_dir: str | Path, stem: str, columns: Sequence[str] | None = None,
-                  note: str | None = None) -> tuple[Path, Path]:
-    """Write `{stem}.json` ({"rows": rows, "note": note}) and `{stem}.md` (the table, then the note),
-    each atomically. The note says how the numbers were measured; it travels with them."""
+                  note: str | None = None, provenance: dict | None = None) -> tuple[Path, Path]:
+    """Write `{stem}.json` ({"rows", "note", "provenance"}) and `{stem}.md` (the table, then the note),
+    each atomically. The note says how the numbers were measured, the provenance (`lowbit.eval.protocol.
+    provenance`) where and on what; they travel with the numbers."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    atomic_write_text(json_path, json.dumps({"rows": list(rows), "note": note}, indent=2, default=str) + "\n")
+    atomic_write_text(json_path, json.dumps({"rows": list(rows), "note": note, "provenance": provenance}, indent=2,
+                                            default=str) + "\n")
     md = results_table(rows, columns)[0]
     atomic_write_text(md_path, md if note is None else f"{md}\n{note}\n")
     return json_path, md_path

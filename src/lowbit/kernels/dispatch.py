@@ -4,7 +4,7 @@
 * `auto` (default): the int4 / int8 kernels when they apply *and* the activations are bf16 (where the
   ATen ops are fast), the reference otherwise. fp32 evaluation therefore stays bit-identical to the
   reference. The LUT path is never chosen automatically: it saves memory but is ~100× slower than the
-  cached dequantized weight (bench/results/inference.md), so it runs only with `kernel`.
+  cached dequantized weight (`python bench/inference.py`), so it runs only with `kernel`.
 * `kernel`: a kernel whenever one applies; fp32/fp16 activations are cast to bf16 for it and the output
   back. Layers no kernel can run (MXINT, outliers, act-order g_idx, odd shapes) use the reference.
 

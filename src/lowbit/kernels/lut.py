@@ -2,7 +2,7 @@
 LUT[r, q[r, c]] per output row): the weight stays as uint8 codes + a small table in memory (1 byte per
 weight plus the table, against 2 for bf16) and is rebuilt by a table look-up, one chunk of rows at a
 time, right before each GEMM. ATen has no LUT-GEMM op and the look-up (a gather with int64 indices) costs
-more than the bf16 GEMM it feeds, so this path saves memory, not time (bench/results/inference.md).
+more than the bf16 GEMM it feeds, so this path saves memory, not time (`python bench/inference.py`).
 The rebuilt chunk is exactly `dequantize()` rounded to the activation dtype (the table is fp16).
 """
 

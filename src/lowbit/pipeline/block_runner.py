@@ -22,7 +22,7 @@ single value that the statistics or the outputs see:
 
 Stored outputs and kept inputs share a memory budget; anything over it is simply recomputed. On a
 LLaMA block this makes calibration cost about one forward pass plus the statistics, instead of about
-3.4 forward passes (bench/results/speed.md).
+3.4 forward passes (bench/results/calib-speed.json).
 """
 
 from __future__ import annotations

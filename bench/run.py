@@ -1,0 +1,54 @@
+"""`make bench`: every bench of lowbit, one after the other, under one evaluation protocol.
+
+    python bench/run.py [--profile quick|full] [--only NAME ...]
+
+quick (the default) runs in about an hour on 2 CPU cores; full writes the committed tables. Every result
+file records its profile, protocol and provenance; `bench/summarize.py` (the last step) builds the
+tables by bit width, the paper-claim lines and the README's results section from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def steps(profile: str) -> dict[str, list[str]]:
+    quick = profile == "quick"
+    py = [sys.executable]
+    out = str(HERE / "results" / "quick") if quick else str(HERE / "results")  # quick never overwrites
+    return {
+        "suite": py + [str(HERE / "suite.py"), "--profile", profile],
+        "qat": py + [str(HERE / "qat.py"), "--profile", profile, "--bits", "3",
+                     *(["--steps", "20"] if quick else [])],
+        "udfc": py + [str(HERE / "udfc.py"), "--part", "all", "--profile", profile],
+        "calib-speed": py + [str(HERE / "calib_speed.py"), "--windows", "32" if quick else "128",
+                             "--label", f"after-{profile}"],
+        "kmeans": py + [str(HERE / "kmeans_speed.py")],
+        "svd": py + [str(HERE / "lqer_svd.py"), *(["--quick"] if quick else [])],
+        "speed": py + [str(HERE / "speed.py"), "--out", out, *(["--quick"] if quick else [])],
+        "inference": py + [str(HERE / "inference.py"), "--out", out, *(["--quick"] if quick else [])],
+        "rd": py + [str(HERE / "rd.py"), "--out", out, *(["--part", "gaussian", "--size", "1024"] if quick else [])],
+        "summarize": py + [str(HERE / "summarize.py"), "--profile", profile],
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="quick", choices=["quick", "full"])
+    ap.add_argument("--only", nargs="+", default=None)
+    a = ap.parse_args()
+    todo = steps(a.profile)
+    for name, cmd in todo.items():
+        if a.only and name not in a.only:
+            continue
+        t0 = time.perf_counter()
+        print(f"[bench] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            sys.exit(f"[bench] {name} failed")
+        print(f"[bench] {name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -1,0 +1,280 @@
+"""The SmolLM2 tables, the paper-claim lines and the README's results section, from bench/results only.
+
+    python bench/summarize.py [--profile full|quick] [--no-readme]
+
+Reads what the benches wrote (suites: bench/results/<profile>/<suite>/runs/*.json and baseline.json;
+qat.json, udfc.json; calib-speed.json, kmeans-speed.json, lqer-svd.json) and writes
+
+* bench/results/<profile>/tables.md — every run by bit width, the LQER, budget, QAT and UDFC tables;
+* bench/results/<profile>/claims.md — one line per seed paper: its claim, our measurement, reproduced
+  or not (a fixed rule over the measured numbers, stated in the line), and the analysis when not;
+* bench/results/quality.json / .md (full profile) — the demo's recipes: method, bits, ppl, KL, model;
+* the README section between `<!-- results:begin -->` and `<!-- results:end -->` (full profile).
+
+Nothing here measures anything: a number that is not in a results file is not printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+# ---- loading
+
+
+def suite(profile: str, name: str) -> tuple[dict, dict[str, dict], dict]:
+    """(fp row, {run name: row with recipe}, provenance) of one suite; empty when it has not run."""
+    d = RESULTS / profile / name
+    if not (d / "baseline.json").is_file():
+        return {}, {}, {}
+    base = json.loads((d / "baseline.json").read_text())
+    runs = {}
+    for f in sorted((d / "runs").glob("*.json")):
+        j = json.loads(f.read_text())
+        runs[j["name"]] = {**j["result"], "recipe": j["recipe"], "provenance": j.get("provenance", {})}
+    return base["result"], runs, base.get("provenance", {})
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        return f"{v:.{digits}f}" if abs(v) >= 0.01 else f"{v:.2e}"
+    return str(v)
+
+
+def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    out = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(r.get(k)) for _, k in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+RUN_COLS = [("recipe", "name"), ("setting", "setting"), ("bits/weight", "bits_per_weight"), ("ppl", "ppl"),
+            ("KL", "kl"), ("top-1", "top1_agreement"), ("quantize s", "quantize_seconds"),
+            ("peak MB", "peak_memory_mb")]
+
+
+def by_width(fp: dict, runs: dict[str, dict]) -> str:
+    """Runs in bands of bits per weight, each sorted by bits, the fp row on top."""
+    bands = [("about 4 bits per weight (3.6–5)", 3.6, 5.0), ("about 3 bits per weight (2.6–3.6)", 2.6, 3.6),
+             ("about 2 bits per weight (< 2.6)", 0, 2.6)]
+    out = []
+    for title, lo, hi in bands:
+        rows = sorted((r for r in runs.values() if lo <= r["bits_per_weight"] < hi), key=lambda r: r["bits_per_weight"])
+        if rows:
+            out.append(f"#### {title}\n\n" + table([{**fp, "name": "fp32", "setting": "unquantized"}, *rows], RUN_COLS))
+    return "\n".join(out)
+
+
+def interp_kl(runs: dict[str, dict], names: list[str], bits: float) -> float | None:
+    """GPTQ's KL at `bits`, interpolated in log KL between its measured grids that bracket `bits`."""
+    pts = sorted((runs[n]["bits_per_weight"], runs[n]["kl"]) for n in names if n in runs)
+    for (b0, k0), (b1, k1) in zip(pts, pts[1:]):
+        if b0 <= bits <= b1:
+            t = (bits - b0) / (b1 - b0)
+            return math.exp((1 - t) * math.log(k0) + t * math.log(k1))
+    return None
+
+
+# ---- the claims
+
+
+def claims(profile: str) -> list[dict]:
+    """One dict per claim: paper, claim, measurement, verdict (reproduced / not reproduced / not measured)."""
+    fp, r, _ = suite(profile, "ptq")
+    _, lq, _ = suite(profile, "lqer")
+    out = []
+
+    def have(*names):
+        return all(n in r for n in names)
+
+    def line(paper, claim, measured, ok, rule, analysis=""):
+        out.append({"paper": paper, "claim": claim, "measured": measured, "rule": rule,
+                    "verdict": "not measured" if ok is None else ("reproduced" if ok else "not reproduced"),
+                    "analysis": analysis if ok is False else ""})
+
+    kl = lambda n: r[n]["kl"]  # noqa: E731
+    ppl = lambda n: r[n]["ppl"]  # noqa: E731
+    bpw = lambda n: r[n]["bits_per_weight"]  # noqa: E731
+
+    if have("rtn-w3-g128", "gptq-w3-g128", "rtn-w4-g128", "gptq-w4-g128"):
+        ok = all(kl(f"gptq-w{b}-g128") < kl(f"rtn-w{b}-g128") and ppl(f"gptq-w{b}-g128") < ppl(f"rtn-w{b}-g128")
+                 for b in (3, 4))
+        line("GPTQ (Frantar et al. 2023)", "second-order error feedback beats round-to-nearest at the same grid",
+             "; ".join(f"w{b} g128 ({bpw(f'gptq-w{b}-g128'):.3f} bits): KL {kl(f'gptq-w{b}-g128'):.4f} vs RTN "
+                       f"{kl(f'rtn-w{b}-g128'):.4f}, ppl {ppl(f'gptq-w{b}-g128'):.2f} vs {ppl(f'rtn-w{b}-g128'):.2f}"
+                       for b in (4, 3)), ok, "lower KL and perplexity at 3 and 4 bits")
+    if have("awq-rtn-w3-g128", "rtn-w3-g128", "awq-gptq-w3-g128", "gptq-w3-g128"):
+        ok = kl("awq-rtn-w3-g128") < kl("rtn-w3-g128") and ppl("awq-rtn-w3-g128") < ppl("rtn-w3-g128")
+        line("AWQ (Lin et al. 2024)", "activation-aware per-channel scaling (and clipping) beats RTN at the same grid",
+             f"w3 g128: KL {kl('awq-rtn-w3-g128'):.4f} ({bpw('awq-rtn-w3-g128'):.3f} bits) vs RTN "
+             f"{kl('rtn-w3-g128'):.4f}; on a GPTQ base {kl('awq-gptq-w3-g128'):.4f} vs GPTQ {kl('gptq-w3-g128'):.4f}",
+             ok, "lower KL and perplexity than RTN w3 g128",
+             "lowbit's AWQ searches the scale per layer on that layer's output error, not per block as the authors do")
+    if have("hqq-w4-g64", "rtn-w4-g64", "gptq-w4-g64"):
+        ok = kl("hqq-w4-g64") < kl("rtn-w4-g64")
+        line("HQQ (Badri & Shaji 2023)", "calibration-free zero-point optimisation beats RTN and nears data-driven methods",
+             f"w4 g64: KL {kl('hqq-w4-g64'):.4f} ({bpw('hqq-w4-g64'):.3f} bits) vs RTN {kl('rtn-w4-g64'):.4f} "
+             f"({bpw('rtn-w4-g64'):.3f}) and GPTQ {kl('gptq-w4-g64'):.4f}", ok, "lower KL than RTN at the same group")
+    gptq3 = ["gptq-w3-pc", "gptq-w3-g128", "gptq-w3-g64"]
+    if have("squeezellm-w3", *gptq3):
+        g = interp_kl(r, gptq3, bpw("squeezellm-w3"))
+        ok = None if g is None else kl("squeezellm-w3") < g
+        line("SqueezeLLM (Kim et al. 2024)", "sensitivity-weighted non-uniform codebooks beat uniform grids at matched bits",
+             f"w3 per-row codebooks (int8 entries) {bpw('squeezellm-w3'):.3f} bits: KL {kl('squeezellm-w3'):.4f}; GPTQ "
+             f"interpolated to those bits {fmt(g, 4)}", ok, "lower KL than GPTQ interpolated (log KL) to the same bits",
+             "lowbit's SqueezeLLM is dense only (no sparse outliers) and weights k-means by diag(H), not the Fisher")
+    if have("claq-w3", *gptq3):
+        g = interp_kl(r, gptq3, bpw("claq-w3"))
+        ok = None if g is None else kl("claq-w3") < g
+        line("CLAQ (Wang et al. 2024)", "column-level k-means codebooks in the GPTQ sweep beat GPTQ at matched bits",
+             f"w3 {bpw('claq-w3'):.3f} bits: KL {kl('claq-w3'):.4f}, ppl {ppl('claq-w3'):.2f}; GPTQ interpolated to "
+             f"those bits: KL {fmt(g, 4)}", ok, "lower KL than GPTQ interpolated (log KL) to the same bits")
+    if have("claq-ap3.1", "claq-w3", "claq-w2-or1", "claq-w2"):
+        ok = kl("claq-ap3.1") < kl("claq-w3") and kl("claq-w2-or1") < kl("claq-w2")
+        line("CLAQ: AP and OR", "adaptive precision and outlier reservation each lower the error for a few bits more",
+             f"AP 3.1: KL {kl('claq-ap3.1'):.4f} ({bpw('claq-ap3.1'):.3f} bits) vs w3 {kl('claq-w3'):.4f}; "
+             f"w2 + 1 outlier per tail: {kl('claq-w2-or1'):.4f} ({bpw('claq-w2-or1'):.3f}) vs w2 {kl('claq-w2'):.4f}",
+             ok, "each lowers KL")
+    if lq and all(n in lq for n in ("int3-g128", "int3-g128-lqer32", "int3-g128-l2qer32")):
+        k = {n: lq[n]["kl"] for n in lq}
+        ok = k["int3-g128-l2qer32"] < k["int3-g128-lqer32"] < k["int3-g128"]
+        line("LQER / L²QER (Zhang et al. 2024)", "activation-scaled SVD of the error (L²QER) beats plain LQER, which beats none",
+             f"INT3 g128 rank 32 (int8 factors): KL none {k['int3-g128']:.4f}, LQER {k['int3-g128-lqer32']:.4f}, "
+             f"L²QER {k['int3-g128-l2qer32']:.4f}", ok, "L²QER < LQER < none in KL")
+    if lq and all(n in lq for n in ("mxint4-l2qer32", "mxint4-l2qer32-a8")):
+        a = lq["mxint4-l2qer32-a8"]["kl"]
+        w = lq["mxint4-l2qer32"]["kl"]
+        ok = a < 1.25 * w
+        line("LQER: W4A8", "8-bit MXINT activations cost little on top of L²QER's 4-bit weights",
+             f"MXINT4 + L²QER r32: KL {w:.4f} weight-only, {a:.4f} with MXINT8 activations", ok,
+             "W4A8 KL within 25 % of weight-only")
+    q = _json(RESULTS / profile / "qat.json")
+    if q:
+        rows = {row["method"]: row for row in q["rows"] if row.get("bits") == 3}
+        l4q, lr, ql, g = (rows.get(m) for m in ("l4q", "lr-qat", "qlora", "gptq"))
+        if l4q and lr and ql and g:
+            ok = l4q["kl"] < min(lr["kl"], ql["kl"], g["kl"])
+            line("L4Q (Jeon et al. 2024)", "LoRA merged before the quantizer beats LR-QAT, QLoRA-style and PTQ at the same bits",
+                 f"3-bit g128, {l4q.get('steps')} steps: KL L4Q {l4q['kl']:.4f}, LR-QAT {lr['kl']:.4f}, QLoRA-style "
+                 f"{ql['kl']:.4f} ({ql['bits_per_weight']:.2f} bits), GPTQ {g['kl']:.4f}", ok, "lowest KL of the four")
+    u = _json(RESULTS / profile / "udfc.json")
+    if u and u.get("lm"):
+        rows = u["lm"]["rows"]
+        pick = lambda ratio, comp, st: next((x for x in rows if x["ratio"] == ratio and x["bits"] == 32  # noqa: E731
+                                             and x["compensation"] == comp and x["statistics"] == st), None)
+        none, free = pick(0.2, "none", "—"), pick(0.2, "udfc", "data-free")
+        if none and free:
+            ok = free["kl"] < none["kl"]
+            line("UDFC (Bai et al. 2023)", "data-free closed-form compensation recovers accuracy lost to pruning",
+                 f"20 % of every MLP pruned: KL {free['kl']:.4f} with data-free UDFC vs {none['kl']:.4f} without "
+                 f"(ppl {free['ppl']:.2f} vs {none['ppl']:.2f})", ok, "lower KL than uncompensated pruning")
+    _, bud, _ = suite(profile, "budget")
+    if bud and have("gptq-w3-g128"):
+        b = bud.get("budget-3.16")
+        if b:
+            ok = b["kl"] < kl("gptq-w3-g128")
+            line("lowbit's bit allocator", "per-layer bits chosen by measured KL beat a uniform recipe at the same bits",
+                 f"budget {b['bits_per_weight']:.3f} bits: KL {b['kl']:.4f} vs GPTQ w3 g128 {kl('gptq-w3-g128'):.4f} "
+                 f"({bpw('gptq-w3-g128'):.3f} bits)", ok, "lower KL at no more bits")
+    return out
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def claims_md(lines: list[dict]) -> str:
+    out = ["| paper | claim | measured on SmolLM2-135M | rule | verdict |", "|---|---|---|---|---|"]
+    for c in lines:
+        verdict = c["verdict"] + (f" — {c['analysis']}" if c["analysis"] else "")
+        out.append(f"| {c['paper']} | {c['claim']} | {c['measured']} | {c['rule']} | {verdict} |")
+    return "\n".join(out) + "\n"
+
+
+# ---- outputs
+
+
+def quality(profile: str) -> list[dict]:
+    """The demo's recipes (rtn/gptq/best at about 4 and 3 bits) from the ptq suite, with method and bits."""
+    from lowbit.demo import BEST, RUNS
+
+    fp, r, prov = suite(profile, "ptq")
+    key = prov.get("model", {}).get("key")
+    rows = [{"name": "fp32", "method": "fp32", "bits": 32, "bits_per_weight": 32.0, "ppl": fp.get("ppl"),
+             "kl": 0.0, "top1_agreement": 1.0, "model": key}] if fp else []
+    for name, _ in RUNS:
+        if name in r:
+            q = r[name]["recipe"]["quant"]
+            rows.append({"name": name, "method": q["method"], "bits": q["bits"], "group_size": q.get("group_size"),
+                         "best": name in BEST.values(),
+                         **{k: r[name][k] for k in ("bits_per_weight", "ppl", "kl", "top1_agreement",
+                                                    "quantize_seconds", "peak_memory_mb")},
+                         "model": key})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="full", choices=["quick", "full"])
+    ap.add_argument("--no-readme", action="store_true")
+    a = ap.parse_args()
+    from lowbit.io.atomic import atomic_write_text
+
+    out = RESULTS / a.profile
+    out.mkdir(parents=True, exist_ok=True)
+    parts = []
+    fp, runs, prov = suite(a.profile, "ptq")
+    if runs:
+        parts.append("### Post-training quantization at matched bits\n\n" + by_width(fp, runs))
+    fpl, lq, _ = suite(a.profile, "lqer")
+    if lq:
+        rows = sorted(lq.values(), key=lambda r: (r["setting"].split()[0], r["bits_per_weight"]))
+        parts.append("### LQER / L²QER\n\n" + table([{**fpl, "name": "fp32", "setting": "unquantized"}, *rows], RUN_COLS))
+    fpb, bud, _ = suite(a.profile, "budget")
+    if bud:
+        parts.append("### Per-layer bit allocation\n\n" + table(sorted(bud.values(), key=lambda r: r["bits_per_weight"]),
+                                                               RUN_COLS))
+    for stem, title in (("qat", "Quantization-aware fine-tuning"),):
+        j = _json(out / f"{stem}.json")
+        if j:
+            parts.append(f"### {title}\n\n" + table(j["rows"], [(k, k) for k in j["rows"][0]]) + f"\n{j['note']}\n")
+    u = _json(out / "udfc.json")
+    if u and u.get("lm"):
+        parts.append("### UDFC on the MLPs\n\n" + table(u["lm"]["rows"], [(k, k) for k in
+                     ("ratio", "bits", "compensation", "statistics", "ppl", "kl", "top1_agreement", "params")])
+                     + f"\n{u['lm']['note']}\n")
+    proto = prov.get("protocol") or {}
+    head = (f"Model {prov.get('model', {}).get('key', '?')}; profile {proto.get('profile', a.profile)}; commit "
+            f"{(prov.get('commit') or '?')[:12]}; torch {prov.get('torch')}, {prov.get('device')}.\n")
+    atomic_write_text(out / "tables.md", f"# lowbit on SmolLM2-135M-Instruct\n\n{head}\n" + "\n".join(parts))
+    cl = claims(a.profile)
+    atomic_write_text(out / "claims.md", "# Paper claims on SmolLM2-135M-Instruct\n\n" + claims_md(cl))
+    json_rows = quality(a.profile)
+    if a.profile == "full" and json_rows:
+        atomic_write_text(RESULTS / "quality.json", json.dumps({"rows": json_rows, "provenance": prov}, indent=2) + "\n")
+        atomic_write_text(RESULTS / "quality.md", table(json_rows, [(k, k) for k in (
+            "name", "method", "bits", "group_size", "bits_per_weight", "ppl", "kl", "top1_agreement")]))
+    if a.profile == "full" and not a.no_readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        if BEGIN in text and END in text:
+            section = (f"{BEGIN}\n_Generated by `python bench/summarize.py` from bench/results/full; {head}_\n\n"
+                       + claims_md(cl) + "\n" + (parts[0] if parts else "") + f"\n{END}")
+            pre, rest = text.split(BEGIN, 1)
+            atomic_write_text(readme, pre + section + rest.split(END, 1)[1])
+    print((out / "claims.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
