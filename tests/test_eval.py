@@ -134,6 +134,6 @@ def test_reports(tmp_path):
     md, table = results_table(rows, ["model", "ppl", "kl"])
     assert "tiny\\|rtn" in md and "1.500e-05" in md and table.row_count == 2
     jp, mp = write_results(rows, tmp_path / "res", "summary", note="WikiText-2, seqlen 16")
-    assert json.loads(jp.read_text()) == {"rows": rows, "note": "WikiText-2, seqlen 16"}
+    assert json.loads(jp.read_text()) == {"rows": rows, "note": "WikiText-2, seqlen 16", "provenance": None}
     assert mp.read_text() == results_table(rows)[0] + "\nWikiText-2, seqlen 16\n"
     assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["summary.json", "summary.md"]
