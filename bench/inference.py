@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.eval.protocol import provenance
 from lowbit.eval.report import write_results
 from lowbit.formats.codebook import make_codebook_grid
 from lowbit.formats.quantized_weight import QuantizedWeight
@@ -203,6 +204,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
     repeats = a.repeats or (3 if a.quick else 7)
     target = 0.05 if a.quick else 0.15
@@ -228,7 +230,7 @@ def main() -> None:
             "kernel operands, with lowbit's kept uint8 codes listed apart.")
     write_results(rows, a.out, stem, columns=["part", "shape", "batch", "variant", "ms", "vs fp32", "vs int4",
                                               "decode tok/s", "MB", "codes MB (kept)", "disk MB", "bits/weight"],
-                  note=note)
+                  note=note, provenance=provenance(model) if model is not None else provenance())
     print(f"wrote {a.out / stem}.json/.md")
 
 

@@ -268,7 +268,9 @@ def write_all(cache: dict, fams: dict, a, have_hqq: bool) -> None:
     if not rows:
         return
     text = note(a, have_hqq)
-    write_results(rows, RESULTS, "rd", COLUMNS, note=text)
+    from lowbit.eval.protocol import provenance
+
+    write_results(rows, RESULTS, "rd", COLUMNS, note=text, provenance=provenance())
     # rd.md again, as one table per source (write_results' JSON keeps every row with its source)
     md = []
     for src in dict.fromkeys(r["source"] for r in rows):

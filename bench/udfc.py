@@ -135,7 +135,7 @@ def lm_part(profile: str, data: str | None) -> tuple[list[dict], str]:
     from lowbit.eval.evaluate import base_result, evaluate
     from lowbit.eval.protocol import get_protocol, model_key
     from lowbit.io.native import load_model
-    from lowbit.jobs import base_outputs, protocol_windows
+    from lowbit.eval.evaluate import base_outputs, protocol_windows
     from lowbit.prune.hf import prune_hf
     from lowbit.reference import build_reference
 

@@ -15,7 +15,6 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import lowbit.jobs as jobs
 import lowbit.pipeline.calibrate as calibrate
 from lowbit.cli import app
 from lowbit.compare import budget_recipes, describe, pareto_front, recipe_files, run_compare, unique_names
@@ -25,7 +24,9 @@ from lowbit.io.native import load_model
 from lowbit.eval.kl import kl_divergence
 from lowbit.eval.perplexity import perplexity
 from lowbit.eval.protocol import get_protocol
-from lowbit.jobs import eval_job, protocol_windows
+import lowbit.eval.evaluate as evaluate
+from lowbit.eval.evaluate import protocol_windows
+from lowbit.jobs import eval_job
 from lowbit.recipe import make_recipe
 from helpers import tree_hash, assert_clean_error
 
@@ -163,8 +164,8 @@ def test_resume_reuses_finished_runs_and_reruns_changed(tiny_model_dir, tmp_path
     monkeypatch.setattr(calibrate, "quantize_model", counting)
     # The same test windows every time (what the keys check); tokenized once to keep the test short.
     windows = {}
-    real_windows = jobs.protocol_windows
-    monkeypatch.setattr(jobs, "protocol_windows", lambda *a: windows.setdefault(a[1], real_windows(*a)))
+    real_windows = evaluate.protocol_windows
+    monkeypatch.setattr(evaluate, "protocol_windows", lambda *a: windows.setdefault(a[1], real_windows(*a)))
 
     def compare(settings=SETTINGS):
         calls.clear()

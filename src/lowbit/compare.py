@@ -1,6 +1,6 @@
 """`lowbit compare`: several recipes on one model, the same evaluation data, one table and a Pareto plot.
 
-The list of (name, Recipe) is built first (`recipe_files`, `override_calibration`, `budget_recipes`,
+The list of (name, Recipe) is built first (`recipe_files`, `budget_recipes`,
 any Recipe a caller makes) and `run_compare` takes any Recipe objects. Each recipe runs through
 `quantize_job` (so composed recipes, prune / budget / fine-tune, run exactly as `lowbit quantize` runs
 them) into REPORT_DIR/runs/NAME; the fp model is loaded once, and every quantized model is evaluated on
@@ -42,7 +42,7 @@ from lowbit.io.atomic import atomic_write_text
 from lowbit.recipe import Recipe, load_recipe, make_recipe, merge
 
 __all__ = ["Comparison", "budget_recipes", "pareto_front", "recipe_files",
-           "override_calibration", "unique_names", "run_compare", "storage_split"]
+           "unique_names", "run_compare", "storage_split"]
 
 FORMAT = "lowbit-compare/1"
 NamedRecipes = list[tuple[str, Recipe]]
@@ -69,13 +69,6 @@ def recipe_files(paths: Sequence[str | Path] | None) -> NamedRecipes:
     if not paths:
         raise LowbitError("no recipes given: pass --recipes a.yaml b.yaml ...")
     return unique_names([(Path(p).stem, load_recipe(p)) for p in paths])
-
-
-def override_calibration(named: NamedRecipes, n_samples: int | None = None, seqlen: int | None = None,
-                         seed: int | None = None) -> NamedRecipes:
-    """The given calibration settings replace every recipe's own, so all runs calibrate on the same windows."""
-    c = {k: v for k, v in dict(n_samples=n_samples, seqlen=seqlen, seed=seed).items() if v is not None}
-    return [(n, merge(r, {}, c)) for n, r in named] if c else list(named)
 
 
 def budget_recipes(budgets: Sequence[float], base: Recipe | None = None) -> NamedRecipes:
@@ -222,7 +215,7 @@ class Comparison:
                  data: str | None = None, keep_models: bool = False, progress: bool = True,
                  trust_remote_code: bool = False, isolate: bool = False):
         from lowbit.io.native import load_model
-        from lowbit.jobs import base_outputs, protocol_windows
+        from lowbit.eval.evaluate import base_outputs, protocol_windows
 
         self.protocol = protocol or get_protocol("full")
         self.out, self.data, self.isolate = Path(out_dir), data, isolate

@@ -15,6 +15,15 @@ def sha(*parts: bytes) -> str:
     return h.hexdigest()[:32]
 
 
+def file_sha256(path) -> str:
+    """The full sha256 hex digest of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Shape, dtype and raw bytes: two tensors give the same bytes only when they are identical."""
     t = t.detach().cpu().contiguous()

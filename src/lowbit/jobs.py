@@ -105,7 +105,7 @@ def _budget_plan(model, recipe: Recipe, calib, progress: bool) -> tuple[Recipe, 
     from lowbit.allocate.job import run_budget
     from lowbit.allocate.plan import plan_yaml
 
-    from lowbit.reference import cache_root
+    from lowbit.cache import cache_root
 
     plan, planned, sens = run_budget(model, recipe, calib, cache=cache_root() / "sensitivity", progress=progress)
     return planned, {"plan.yaml": plan_yaml(plan, recipe),
@@ -113,29 +113,13 @@ def _budget_plan(model, recipe: Recipe, calib, progress: bool) -> tuple[Recipe, 
                                                                      "predicted_kl": plan.predicted_kl})}
 
 
-def protocol_windows(tokenizer, protocol: Protocol, data: str | None = None) -> torch.Tensor:
-    """The WikiText-2 test windows of `protocol`: [n, seqlen] tokens."""
-    return datasets.eval_windows(tokenizer, datasets.wikitext2_test_text(data), protocol.seqlen, protocol.windows)
-
-
-def base_outputs(base_model, key: str, windows: torch.Tensor, protocol: Protocol, progress: bool = True):
-    """The base model's cached outputs on `windows` (`lowbit.eval.evaluate.BaseOutputs`), computed for
-    the windows not cached yet. `key` names the base weights (`lowbit.eval.protocol.model_key`)."""
-    from lowbit.eval.evaluate import BaseOutputs
-    from lowbit.reference import cache_root
-
-    base = BaseOutputs.for_model(cache_root() / "base-outputs", key, windows, protocol.dataset)
-    base.fill(base_model, protocol.batch_size, progress)
-    return base
-
-
 def eval_job(model_path: str, *, base: str | None = None, protocol: Protocol | None = None,
              data: str | None = None, progress: bool = True, model=None, tokenizer=None, base_model=None,
              base_key: str | None = None, windows: torch.Tensor | None = None) -> dict:
     """Perplexity of the model at `model_path` under `protocol` (default: the `full` profile) and, with a
     base model (`base` path or `base_model` + `base_key`), KL(base ‖ model) and top-1 agreement on the
-    same windows. Pre-loaded models and tokenized `windows` (`protocol_windows`) avoid reloading."""
-    from lowbit.eval.evaluate import evaluate
+    same windows. Pre-loaded models and tokenized `windows` (`eval.evaluate.protocol_windows`) avoid reloading."""
+    from lowbit.eval.evaluate import base_outputs, evaluate, protocol_windows
     from lowbit.eval.protocol import get_protocol, model_key
     from lowbit.io.native import load_model
 

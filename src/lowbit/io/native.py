@@ -24,6 +24,7 @@ from torch import nn
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.fingerprint import file_sha256
 from lowbit.formats.quantized_weight import QuantizedWeight, bit_counts
 from lowbit.io.atomic import atomic_dir
 
@@ -78,14 +79,6 @@ def _quant_config(qweights: dict[str, QuantizedWeight], recipe: dict | None,
         out["bits_per_stored_weight"] = counts["bits_per_stored_weight"]
         out["original_quantized_params"] = counts["original_params"]
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_tokenizer(tokenizer, out: Path) -> None:
@@ -150,7 +143,7 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
         write_tokenizer(tokenizer, tmp)
         info = {"lowbit_version": lowbit.__version__, "format_version": FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": recipe, **(extra or {}),
-                "sha256": {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
+                "sha256": {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
         (tmp / INFO).write_text(json.dumps(info, indent=2, default=str))
     return out
 
@@ -192,7 +185,7 @@ def _verify(path: Path, info: dict) -> None:
         f = path / name
         if not f.is_file():
             raise LowbitError(f"{f} is missing (listed in {INFO}); the output is incomplete")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise LowbitError(f"{f} fails its sha256 check: the file is corrupt or was modified after saving")
 
 
