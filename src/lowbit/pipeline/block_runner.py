@@ -73,7 +73,7 @@ class BlockRunner:
         self.budget, self.used = budget_bytes, 0
         self.stored: dict[str, dict[int, Any]] = {}  # module → {batch: output}
         self.inputs: dict[str, dict[int, torch.Tensor]] = {}  # layer → {batch: input}
-        self.passthrough: dict[str, tuple[str, bool]] = {}  # module → (its last layer, output is a tuple)
+        self.passthrough: dict[str, tuple[str, int]] = {}  # module → (its last layer, tuple length or 0)
         self.checked: set[str] = set()  # modules whose pass-through test has run
         self._tainted = False
 
@@ -108,7 +108,7 @@ class BlockRunner:
     def _keep_input(self, layer: str, b: int, x: torch.Tensor) -> None:
         """Keep a single-layer group's input when a sub-module (not the block) holds the layer: that module
         may turn out to pass its output through (fact 3)."""
-        if "." in layer and self._fits(_bytes(x)):
+        if "." in layer and not self._tainted and self._fits(_bytes(x)):
             self.inputs.setdefault(layer, {})[b] = x
             self.used += _bytes(x)
 
@@ -116,12 +116,12 @@ class BlockRunner:
 
     def _through(self, name: str, b: int):
         """forward of a pass-through module on batch b: its last layer on the kept input."""
-        layer, is_tuple = self.passthrough[name]
+        layer, arity = self.passthrough[name]
         x = self.inputs[layer][b]
 
         def forward(*a, **k):
             y = self.block.get_submodule(layer)(x)
-            return (y, None) if is_tuple else y
+            return (y, *[None] * (arity - 1)) if arity else y
 
         return forward
 
@@ -146,10 +146,11 @@ class BlockRunner:
                 for h in hooks:
                     h.remove()
             self.checked.add(name)
+            # (L's output) or (L's output, None, ...): anything else in a tuple would be stale on reuse
             first = y[0] if isinstance(y, tuple) and all(e is None for e in y[1:]) else y
             for n, out in seen.items():
                 if out is first:
-                    self.passthrough[name] = (n, isinstance(y, tuple))
+                    self.passthrough[name] = (n, len(y) if isinstance(y, tuple) else 0)
             self._store(name, b, y)
             return y
         return forward
