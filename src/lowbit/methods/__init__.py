@@ -15,18 +15,21 @@ from lowbit.errors import LowbitError, config_error
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods.claq import claq_quantize
 from lowbit.methods.awq import awq_quantize
-from lowbit.methods.config import AWQConfig, ClaqConfig, GPTQConfig, HQQConfig, MethodConfig, RTNConfig, SqueezeLLMConfig
+from lowbit.methods.config import (AWQConfig, ClaqConfig, GPTQConfig, HQQConfig, MethodConfig, QuantEaseConfig, RTNConfig,
+                                   SqueezeLLMConfig)
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.hqq import hqq_quantize
 from lowbit.methods.lqer import lqer
+from lowbit.methods.quantease import quantease_quantize
 from lowbit.methods.rtn import rtn_quantize
 from lowbit.methods.squeezellm import squeezellm_quantize
 from lowbit.methods.stats import LayerStats, StatsAccumulator
 
-__all__ = ["AWQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
+__all__ = ["AWQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "QuantEaseConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
            "needs_activation_stats", "needs_calibration", "parse_method_config", "quantize_weight"]
 
-MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig, Field(discriminator="method")]
+MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig | QuantEaseConfig,
+                              Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(MethodConfigField)
 
 Result = tuple[QuantizedWeight, float | None]
@@ -53,6 +56,10 @@ def _hqq(W: torch.Tensor, stats: LayerStats | None, config: HQQConfig) -> Result
     return hqq_quantize(W, config), None
 
 
+def _quantease(W: torch.Tensor, stats: LayerStats | None, config: QuantEaseConfig) -> Result:
+    return quantease_quantize(W, None if stats is None else stats.hessian, config, return_loss=True)
+
+
 def _awq(W: torch.Tensor, stats: LayerStats | None, config: AWQConfig) -> Result:
     return awq_quantize(W, stats, config, return_loss=True)
 
@@ -65,6 +72,7 @@ _METHODS: dict[str, tuple[Callable[..., Result], bool | Callable[..., bool]]] = 
     "squeezellm": (_squeezellm, lambda c: c.weighting != "none"),  # unweighted k-means needs no data
     "hqq": (_hqq, False),
     "awq": (_awq, True),
+    "quantease": (_quantease, True),
 }
 
 
@@ -105,7 +113,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodCon
 
 def parse_method_config(d: dict | MethodConfig) -> MethodConfig:
     """Build the right config from a dict with a `method` key (YAML recipes and CLI flags share this)."""
-    if isinstance(d, (RTNConfig, GPTQConfig, ClaqConfig, SqueezeLLMConfig, HQQConfig, AWQConfig)):
+    if isinstance(d, (RTNConfig, GPTQConfig, ClaqConfig, SqueezeLLMConfig, HQQConfig, AWQConfig, QuantEaseConfig)):
         return d
     try:
         return _ADAPTER.validate_python(d)

@@ -142,6 +142,28 @@ class GPTQConfig(WeightQuantConfig):
         return v
 
 
+class QuantEaseConfig(WeightQuantConfig):
+    """QuantEase (Behdin et al., arXiv 2309.01885): cyclic coordinate descent on tr((W−Ŵ)Σ(W−Ŵ)ᵀ) over
+    the min-max grid of the original W (`methods.quantease`)."""
+
+    method: Literal["quantease"] = "quantease"
+    reserves_outliers: ClassVar[bool] = True  # the outlier-aware variant: Ŵ = Q + S, S by hard thresholding
+    iters: int = Field(30, ge=1)  # sweeps over the columns (the authors' 30)
+    # the authors' relaxation: every third sweep (index ≡ 1 mod 3, ≤ 25, not the last) left unquantized
+    relax: bool = True
+    init: Literal["w", "gptq"] = "w"  # Ŵ₀ = W (the paper) or GPTQ's solution on the same grid
+    act_order: bool = True
+    damp_percent: float = Field(0.0, ge=0, lt=1)  # the authors use Σ undamped
+    block_size: int = Field(128, ge=1)  # columns per lazy block (the GEMM-friendly form of the sweep)
+    outlier_step: float = Field(1.0, gt=0)  # α of the IHT step α / (2 λ_max(Σ))
+
+    @model_validator(mode="after")
+    def _outlier_start(self):
+        if self.outliers and self.init != "w":
+            raise ValueError("the outlier-aware variant starts from W (init: w)")
+        return self
+
+
 class KMeansConfig(BaseModel):
     """1-D k-means of the codebook quantizers (`methods.kmeans.kmeans_1d`)."""
 
@@ -283,4 +305,4 @@ class AWQConfig(WeightQuantConfig):
         return self
 
 
-MethodConfig = RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig
+MethodConfig = RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig | QuantEaseConfig
