@@ -60,6 +60,9 @@ def _ptq() -> dict[str, dict]:
     s["claq-w2-or1"] = _q("claq", 2, codebook_bits=8, outlier_count=1)
     s["claq-ap2.1"] = _q("claq", 2, codebook_bits=8, target_bits=2.1)
     s["claq-w2-dynamic-or"] = _q("claq", 2, codebook_bits=8, outliers="dynamic")
+    # QuantEase: coordinate descent on the same static grid as GPTQ, from W (the paper) and from GPTQ
+    s["quantease-w3-g128"] = _q("quantease", 3, 128)
+    s["quantease-gptq-w3-g128"] = _q("quantease", 3, 128, init="gptq")
     # composed recipes: a fine-tuning stage after the quantizer (32 steps of 4 calibration windows, KL to
     # the fp model): CLAQ's codebook entries tuned (codes and bits unchanged), and L4Q from the GPTQ grid
     s["claq-w3-tuned"] = {**_q("claq", 3, codebook_bits=8), "finetune": {"method": "codebook", "steps": 32}}
