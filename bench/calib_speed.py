@@ -48,6 +48,10 @@ def run(label: str, windows: int, checkout: Path, threads: int | None = None) ->
     ref = build_reference()
     out = Path(f"/tmp/lowbit-calib-speed-{label}")
     env = {**os.environ, "PYTHONPATH": str(checkout / "src")}
+    if checkout != ROOT:  # an older checkout reads plain corpus files only (no packaged copies)
+        from lowbit.data import data_dir
+
+        env.setdefault("LOWBIT_DATA", str(data_dir()))
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     cmd = [PY, "-m", "lowbit.cli", "quantize", str(ref), "-o", str(out), "--method", "gptq", "--bits", "4",
