@@ -49,7 +49,7 @@ class OptionalProgress:
     """Context manager around an optional `rich.progress.Progress` in `self.p` (None: disabled).
 
     When the console is not a terminal, a daemon thread prints every task's state as one line every
-    `LOG_EVERY` seconds (only when something changed) and once more at the end.
+    `LOG_EVERY` seconds when something changed, at least every 3·LOG_EVERY seconds, and once at the end.
     """
 
     def __init__(self):
@@ -63,12 +63,15 @@ class OptionalProgress:
         return " · ".join(_task_line(t) for t in tasks) + f" [{time.perf_counter() - self._t0:.0f} s]"
 
     def _ticker(self) -> None:
-        last = None
+        """A line when the state changed since the last one, and at least every 3·LOG_EVERY seconds (a
+        long step is still a sign of life in the log)."""
+        last, quiet = None, 0.0
         while not self._stop.wait(LOG_EVERY):
             line = self._state()
-            if line.split(" [")[0] != last:
+            quiet += LOG_EVERY
+            if line.split(" [")[0] != last or quiet >= 3 * LOG_EVERY:
                 log_line(line)
-                last = line.split(" [")[0]
+                last, quiet = line.split(" [")[0], 0.0
 
     def __enter__(self):
         if self.p:
