@@ -257,7 +257,7 @@ def test_native_save_load(awq_dir):
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "gguf"])
 def test_exporters_refuse_in_scale(awq_dir, tmp_path, fmt):
-    from lowbit.export import export
+    from lowbit.exporters import export
 
     with pytest.raises(LowbitError, match="in_scale"):
         export(awq_dir, fmt, tmp_path / fmt)
@@ -265,7 +265,7 @@ def test_exporters_refuse_in_scale(awq_dir, tmp_path, fmt):
 
 
 def test_dequantized_export_keeps_in_scale(awq_dir, tmp_path):
-    from lowbit.export import export
+    from lowbit.exporters import export
     from lowbit.io.native import load_quantized
     from safetensors.torch import load_file
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export import export
+from lowbit.exporters import export
 from lowbit.io.native import load_quantized
 from lowbit.recipe import Recipe
 
@@ -214,7 +214,7 @@ def test_cli_export_and_clear_errors(outputs, tmp_path):
 def test_gguf_blocks_read_back_by_gguf_and_transformers(outputs, tmp_path):
     import gguf
 
-    from lowbit.export.gguf import _LAYER, _permute_rows
+    from lowbit.exporters.gguf import _LAYER, _permute_rows
 
     out = export(outputs["sym48"], "gguf", tmp_path / "gg")
     reader = gguf.GGUFReader(str(out / "model.gguf"))

@@ -214,7 +214,7 @@ def test_native_save_load_round_trip(hqq_outputs, tiny_model_dir):
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "gguf"])
 def test_integer_formats_refuse_float_zeros(hqq_outputs, tmp_path, fmt):
-    from lowbit.export import export
+    from lowbit.exporters import export
 
     with pytest.raises(LowbitError, match="fp16 zero points.*--format dequantized"):
         export(hqq_outputs["fp16"], fmt, tmp_path / fmt)
@@ -224,7 +224,7 @@ def test_integer_formats_refuse_float_zeros(hqq_outputs, tmp_path, fmt):
 def test_dequantized_export_holds_float_zero_weights(hqq_outputs, tmp_path):
     from safetensors.torch import load_file
 
-    from lowbit.export import export
+    from lowbit.exporters import export
     from lowbit.io.native import load_quantized
 
     out = export(hqq_outputs["fp16"], "dequantized", tmp_path / "deq", dtype="float32")
@@ -239,7 +239,7 @@ def test_int_zero_exports_to_compressed_tensors(hqq_outputs, tmp_path):
     # (decompression by compressed-tensors itself is test_export's) holds our codes and zeros word for word.
     from safetensors.torch import load_file
 
-    from lowbit.export import export
+    from lowbit.exporters import export
     from lowbit.formats import packing
     from lowbit.io.native import load_quantized
 

@@ -67,7 +67,7 @@ def rewrite_weights(out: Path, edit) -> None:
     edit(tensors)
     save_file(tensors, str(f))
     info = json.loads((out / native.INFO).read_text())
-    info["sha256"][native.WEIGHTS] = native._sha256(f)
+    info["sha256"][native.WEIGHTS] = native.file_sha256(f)
     (out / native.INFO).write_text(json.dumps(info))
 
 
@@ -157,7 +157,7 @@ def test_crash_mid_save_leaves_nothing(tmp_path, monkeypatch, existing, saved):
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(native, "_sha256", boom)  # after model.safetensors and config.json are written
+    monkeypatch.setattr(native, "file_sha256", boom)  # after model.safetensors and config.json are written
     with pytest.raises(RuntimeError, match="disk full"):
         save_quantized(tiny_llama(tied=False), qw, target, overwrite=True)
     assert not (tmp_path / "fresh").exists()

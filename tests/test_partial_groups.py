@@ -149,7 +149,7 @@ def partial(tiny_model_dir, tmp_path_factory):
 
 
 def test_compressed_tensors_refuses_partial_groups_by_name(partial, tmp_path):
-    from lowbit.export import export
+    from lowbit.exporters import export
 
     with pytest.raises(LowbitError, match=r"compressed-tensors: layer model.layers.0.self_attn.q_proj has 64 input "
                                           r"columns, which groups of 96 do not divide \(shape \[64, 64\]"):
@@ -161,8 +161,8 @@ def test_gptq_and_gguf_hold_partial_groups_exactly(partial, tmp_path):
     import gguf
     from safetensors.torch import load_file
 
-    from lowbit.export import export
-    from lowbit.export.gguf import _LAYER, _permute_rows
+    from lowbit.exporters import export
+    from lowbit.exporters.gguf import _LAYER, _permute_rows
     from lowbit.io.native import load_quantized
 
     _, qweights, _ = load_quantized(partial)

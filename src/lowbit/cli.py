@@ -285,7 +285,7 @@ def demo(
     run_demo(results, profile=profile, data=data)
 
 
-from lowbit.export.cli import export_cmd  # noqa: E402  (typer-only modules: cheap to import)
+from lowbit.exporters.cli import export_cmd  # noqa: E402  (typer-only modules: cheap to import)
 from lowbit.kernels.cli import generate_cmd  # noqa: E402
 
 app.command("export")(clean_errors(export_cmd))

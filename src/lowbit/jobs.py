@@ -38,14 +38,73 @@ def checkpoint_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+def needs_data(recipe: Recipe) -> bool:
+    """Whether any stage of the recipe reads calibration windows."""
+    from lowbit.methods import needs_calibration
+
+    return (needs_calibration(recipe.quant) or recipe.budget is not None or recipe.finetune is not None
+            or (recipe.prune is not None and recipe.prune.data_light))
+
+
+def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: bool = True,
+               checkpoint_dir: Path | None = None):
+    """Every stage of `recipe` on the in-memory `model`, which is changed in place (its linears become
+    QuantLinears; pruned channels are gone). Returns (result, recipe that ran, extras): the pipeline's
+    `QuantizeResult` with the final QuantizedWeights, the recipe as run (a budget's plan recipe), and
+    {"summary", "prune", "finetune", "plan_files"}."""
+    from lowbit.formats.quantized_weight import bit_counts
+    from lowbit.pipeline import stages
+    from lowbit.pipeline.calibrate import quantize_model
+
+    if getattr(model, "_lowbit_quantized", False):
+        raise LowbitError("the model is already quantized by lowbit; quantize the original model")
+    t0 = time.perf_counter()
+    # composed stages (lowbit.pipeline.stages): prune in memory, then quantize, then fine-tune
+    teacher = stages.keep_teacher(model, recipe.finetune)
+    pruned = stages.prune_stage(model, recipe.prune, calib) if recipe.prune is not None else None
+    recipe, plan_files = _budget_plan(model, recipe, calib, progress)
+    result = quantize_model(
+        model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
+        overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
+        checkpoint_dir=checkpoint_dir, progress=progress,
+    )
+    tuned = None
+    if recipe.finetune is not None:
+        result.qweights, tuned = stages.finetune_stage(model, teacher, result.qweights, recipe.finetune, calib)
+    summary = {
+        "method": recipe.quant.method,
+        # over the ORIGINAL element count (a pruned channel stores nothing); bits_per_stored_weight: kept ones
+        **{k: v for k, v in bit_counts(result.qweights, pruned and pruned["original_shapes"]).items()
+           if k.startswith("bits_per")},
+        "quantize_seconds": time.perf_counter() - t0,
+        "peak_memory_mb": result.peak_memory_mb,
+        "n_layers": len(result.qweights),
+        "calibration_windows": None if calib is None else list(calib.shape),
+    }
+    return result, recipe, {"summary": summary, "prune": pruned, "finetune": tuned, "plan_files": plan_files}
+
+
+def save_result(model, result, recipe: Recipe, extras: dict, out: Path, *, tokenizer=None, source: str = "",
+                overwrite: bool = False) -> None:
+    """Write what `run_recipe` made as a native lowbit directory (atomically), with its plan files."""
+    from lowbit.io.native import save_quantized
+
+    pruned, tuned = extras.get("prune"), extras.get("finetune")
+    save_quantized(
+        model, result.qweights, out, tokenizer=tokenizer, recipe=recipe.model_dump(mode="json"),
+        extra={"source_model": source, "summary": extras["summary"],
+               "layers": [r.as_dict() for r in result.records],
+               **({"prune": pruned} if pruned else {}), **({"finetune": tuned} if tuned else {})},
+        overwrite=overwrite, original_shapes=pruned and pruned["original_shapes"],
+    )
+    for name, text in extras.get("plan_files", {}).items():
+        atomic_write_text(Path(out) / name, text)
+
+
 def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str | None = None,
                  overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False) -> dict:
     """Load, calibrate, quantize block by block, save atomically. Returns a summary dict."""
-    from lowbit.formats.quantized_weight import bit_counts
-    from lowbit.io.native import load_model, save_quantized
-    from lowbit.methods import needs_calibration
-    from lowbit.pipeline import stages
-    from lowbit.pipeline.calibrate import quantize_model
+    from lowbit.io.native import load_model
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -53,46 +112,12 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     model, tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
     if getattr(model, "_lowbit_quantized", False):
         raise LowbitError(f"{model_path} is already quantized by lowbit; quantize the original model")
-    needs = needs_calibration(recipe.quant) or recipe.budget is not None or recipe.finetune is not None \
-        or (recipe.prune is not None and recipe.prune.data_light)
-    calib = calibration_data(recipe, tokenizer, model, data) if needs else None
+    calib = calibration_data(recipe, tokenizer, model, data) if needs_data(recipe) else None
     ckpt = checkpoint_dir_for(out)
-    t0 = time.perf_counter()
-    # composed stages (lowbit.pipeline.stages): prune in memory, then quantize, then fine-tune
-    teacher = stages.keep_teacher(model, recipe.finetune)
-    pruned = (stages.prune_stage(model, recipe.prune, calib)
-              if recipe.prune is not None else None)
-    recipe, plan_files = _budget_plan(model, recipe, calib, progress)
-    result = quantize_model(
-        model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
-        overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
-        checkpoint_dir=ckpt, progress=progress,
-    )
-    tuned = None
-    if recipe.finetune is not None:
-        result.qweights, tuned = stages.finetune_stage(model, teacher, result.qweights, recipe.finetune, calib)
-    seconds = time.perf_counter() - t0
-    summary = {
-        "method": recipe.quant.method,
-        # over the ORIGINAL element count (a pruned channel stores nothing); bits_per_stored_weight: kept ones
-        **{k: v for k, v in bit_counts(result.qweights, pruned and pruned["original_shapes"]).items()
-           if k.startswith("bits_per")},
-        "quantize_seconds": seconds,
-        "peak_memory_mb": result.peak_memory_mb,
-        "n_layers": len(result.qweights),
-        "calibration_windows": None if calib is None else list(calib.shape),
-    }
-    save_quantized(
-        model, result.qweights, out, tokenizer=tokenizer, recipe=recipe.model_dump(mode="json"),
-        extra={"source_model": str(model_path), "summary": summary,
-               "layers": [r.as_dict() for r in result.records],
-               **({"prune": pruned} if pruned else {}), **({"finetune": tuned} if tuned else {})},
-        overwrite=overwrite, original_shapes=pruned and pruned["original_shapes"],
-    )
-    for name, text in plan_files.items():
-        atomic_write_text(out / name, text)
+    result, recipe, extras = run_recipe(model, recipe, calib, progress=progress, checkpoint_dir=ckpt)
+    save_result(model, result, recipe, extras, out, tokenizer=tokenizer, source=str(model_path), overwrite=overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
-    return summary
+    return extras["summary"]
 
 
 def _budget_plan(model, recipe: Recipe, calib, progress: bool) -> tuple[Recipe, dict[str, str]]:

@@ -97,7 +97,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
 
 def load_for_inference(path: str | Path, backend: str = "auto", dtype: str | None = None):
     """(model, tokenizer, layer counts by kernel) from a native lowbit output."""
-    from lowbit.export.common import DTYPES
+    from lowbit.exporters.common import DTYPES
     from lowbit.io.native import load_tokenizer, load_quantized
     from lowbit.kernels.dispatch import BACKENDS, set_backend
 

@@ -23,9 +23,9 @@ import torch
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.export.card import model_card
-from lowbit.export.common import Source, per_row, plain_tensors, refuse, require_uniform, write_output
-from lowbit.export.dequantized import hf_config
+from lowbit.exporters.card import model_card
+from lowbit.exporters.common import Source, per_row, plain_tensors, refuse, require_uniform, write_output
+from lowbit.exporters.dequantized import hf_config
 from lowbit.formats import packing
 
 GPTQ_BITS = (2, 3, 4, 8)
@@ -92,7 +92,7 @@ def export_gptq(src: Source, out: Path, *, dtype: torch.dtype | None = None, ove
              "costs more than the lowbit bits per weight when the lowbit output had no g_idx."]
     subdirs = None
     if lowrank_adapter and any(q.lowrank is not None for q in src.qweights.values()):
-        from lowbit.export.peft_lora import adapter_writer
+        from lowbit.exporters.peft_lora import adapter_writer
 
         subdirs = {"lora_adapter": adapter_writer(src, base=".", dtype=dtype)}
         notes.append("The LQER low-rank term is the PEFT LoRA adapter in `lora_adapter/` (lora_alpha = r); "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from lowbit.export.common import Source
+from lowbit.exporters.common import Source
 
 
 def _grid_line(qw) -> str:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.card import model_card
-from lowbit.export.common import Source, group_size_of, per_row, plain_tensors, refuse, require_uniform
+from lowbit.exporters.card import model_card
+from lowbit.exporters.common import Source, group_size_of, per_row, plain_tensors, refuse, require_uniform
 
 GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 BLOCK = 32

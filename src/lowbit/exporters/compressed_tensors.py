@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.card import model_card
-from lowbit.export.common import Source, per_row, plain_tensors, refuse, require_uniform, write_output
-from lowbit.export.dequantized import hf_config
+from lowbit.exporters.card import model_card
+from lowbit.exporters.common import Source, per_row, plain_tensors, refuse, require_uniform, write_output
+from lowbit.exporters.dequantized import hf_config
 from lowbit.formats import packing
 
 CT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -108,7 +108,7 @@ def export_compressed_tensors(src: Source, out: Path, *, dtype: torch.dtype | No
                      "vLLM's int kernels take 4 and 8 bits only.")
     subdirs = None
     if lowrank_adapter and any(q.lowrank is not None for q in src.qweights.values()):
-        from lowbit.export.peft_lora import adapter_writer
+        from lowbit.exporters.peft_lora import adapter_writer
 
         subdirs = {"lora_adapter": adapter_writer(src, base=".", dtype=dtype)}
         notes.append("The LQER low-rank term is NOT in these weights: it is the PEFT LoRA adapter in "

@@ -18,7 +18,7 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
     """Export the lowbit output `source` to `out` in format `fmt`; returns `out`."""
     import torch
 
-    from lowbit.export.common import DTYPES, load_source
+    from lowbit.exporters.common import DTYPES, load_source
 
     if fmt not in FORMATS:
         raise LowbitError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -30,22 +30,22 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
         raise LowbitError(f"output directory {out} exists; pass --overwrite")
     src = load_source(source, eval_json)
     if fmt == "compressed-tensors":
-        from lowbit.export.compressed_tensors import export_compressed_tensors
+        from lowbit.exporters.compressed_tensors import export_compressed_tensors
 
         return export_compressed_tensors(src, out, dtype=td, overwrite=overwrite, lowrank_adapter=lowrank_adapter)
     if fmt == "gptq":
-        from lowbit.export.gptq import export_gptq
+        from lowbit.exporters.gptq import export_gptq
 
         return export_gptq(src, out, dtype=td, overwrite=overwrite, lowrank_adapter=lowrank_adapter)
     if fmt == "peft-lora":
-        from lowbit.export.peft_lora import export_peft_lora
+        from lowbit.exporters.peft_lora import export_peft_lora
 
         return export_peft_lora(src, out, dtype=td, base=base, overwrite=overwrite)
     if fmt == "gguf":
-        from lowbit.export.gguf import export_gguf
+        from lowbit.exporters.gguf import export_gguf
 
         return export_gguf(src, out, tensor_type=gguf_type, overwrite=overwrite, lowrank_adapter=lowrank_adapter)
-    from lowbit.export.dequantized import export_dequantized
+    from lowbit.exporters.dequantized import export_dequantized
 
     return export_dequantized(src, out, dtype=td or torch.float16, overwrite=overwrite,
                               lowrank_adapter=lowrank_adapter)

@@ -23,7 +23,7 @@ def export_cmd(
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ):
     """Export a lowbit output to a format other runtimes load; refuses formats that cannot hold it exactly."""
-    from lowbit.export import export
+    from lowbit.exporters import export
 
     path = export(source, fmt, out, dtype=dtype, overwrite=overwrite, lowrank_adapter=lowrank_adapter,
                   gguf_type=gguf_type, base=base, eval_json=eval_json)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.card import model_card
-from lowbit.export.common import Source, require_weight_only, write_output
+from lowbit.exporters.card import model_card
+from lowbit.exporters.common import Source, require_weight_only, write_output
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 

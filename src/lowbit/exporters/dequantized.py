@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.card import model_card
-from lowbit.export.common import Source, hf_weight, plain_tensors, write_output
+from lowbit.exporters.card import model_card
+from lowbit.exporters.common import Source, hf_weight, plain_tensors, write_output
 
 
 def dequantized_tensors(src: Source, dtype: torch.dtype, *, include_lowrank: bool = True) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def export_dequantized(src: Source, out: Path, *, dtype: torch.dtype = torch.flo
                      "from the lowbit model's by that activation rounding.")
     subdirs = None
     if split:
-        from lowbit.export.peft_lora import adapter_writer
+        from lowbit.exporters.peft_lora import adapter_writer
 
         subdirs = {"lora_adapter": adapter_writer(src, base=".", dtype=dtype)}
         notes.append("The LQER low-rank term is the PEFT LoRA adapter in `lora_adapter/` (lora_alpha = r); "
