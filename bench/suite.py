@@ -1,6 +1,6 @@
 """lowbit's post-training tables on the reference model (SmolLM2-135M-Instruct), under one protocol.
 
-    python bench/suite.py [--profile quick|full] [--only ptq lqer budget] [--list]
+    python bench/suite.py [--profile quick|full] [--only ptq lqer budget] [--recipes NAME ...] [--list]
 
 Each suite is one `lowbit compare` run (`lowbit.compare.run_compare`) of the recipes below into
 bench/results/<profile>/<suite>/: every quantization as its own `lowbit quantize` process (its time and
@@ -96,14 +96,17 @@ def _budget() -> dict[str, dict]:
     measured on 4 calibration windows: 3 options × 210 layers, each a forward pass from the layer's block
     to the logits, is what fits 2 CPU cores (the default grid of 48 options on 16 windows would take hours)."""
     grid = {"bits": [2, 3, 4], "group_sizes": [128], "ranks": [0], "n_samples": 4}
-    return {f"budget-{b}": {"quant": {"method": "gptq", "bits": 3, "group_size": 128},
-                            "budget": {**grid, "bits_per_weight": b}} for b in (2.5, 3.17)}
+    s = {f"budget-{b}": {"quant": {"method": "gptq", "bits": 3, "group_size": 128},
+                         "budget": {**grid, "bits_per_weight": b}} for b in (2.5, 3.17)}
+    # the uniform recipes it is judged against, in this suite so that both sides share one profile
+    s.update({f"gptq-w{b}-g128": _q("gptq", b, 128) for b in (2, 3, 4)})
+    return s
 
 
 SUITES = {"ptq": _ptq, "lqer": _lqer_suite, "budget": _budget}
 
 
-def run_suite(name: str, profile: str, model: str | None = None) -> dict:
+def run_suite(name: str, profile: str, model: str | None = None, only: list[str] | None = None) -> dict:
     from lowbit.compare import run_compare
     from lowbit.eval.protocol import get_protocol
     from lowbit.progress import log_line
@@ -111,7 +114,11 @@ def run_suite(name: str, profile: str, model: str | None = None) -> dict:
     from lowbit.reference import build_reference
 
     model = model or str(build_reference())
-    named = [(n, make_recipe(r, source=f"{name}/{n}")) for n, r in SUITES[name]().items()]
+    recipes = SUITES[name]()
+    unknown = sorted(set(only or []) - set(recipes))
+    if unknown:
+        sys.exit(f"suite {name} has no recipe {', '.join(unknown)} (see --list)")
+    named = [(n, make_recipe(r, source=f"{name}/{n}")) for n, r in recipes.items() if not only or n in only]
     out = RESULTS / profile / name
     log_line(f"suite {name}: {len(named)} recipes -> {out}")
     return run_compare(model, named, out, get_protocol(profile), isolate=True, progress=True,
@@ -125,11 +132,18 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="quick", choices=["quick", "full"])
     ap.add_argument("--only", nargs="+", choices=list(SUITES), default=list(SUITES))
+    ap.add_argument("--recipes", nargs="+", default=None,
+                    help="run only these recipes of the suite (finished runs of the others are kept)")
     ap.add_argument("--list", action="store_true", help="print the recipes and exit")
     a = ap.parse_args()
     if a.list:
         for s in a.only:
             print(s, ", ".join(SUITES[s]()))
         sys.exit(0)
+    known = {n for s in a.only for n in SUITES[s]()}
+    if a.recipes and set(a.recipes) - known:
+        sys.exit(f"no recipe {', '.join(sorted(set(a.recipes) - known))} in {', '.join(a.only)} (see --list)")
     for s in a.only:
-        run_suite(s, a.profile)
+        if a.recipes and not set(a.recipes) & set(SUITES[s]()):
+            continue
+        run_suite(s, a.profile, only=[n for n in a.recipes if n in SUITES[s]()] if a.recipes else None)
