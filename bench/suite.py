@@ -1,6 +1,6 @@
 """lowbit's post-training tables on the reference model (SmolLM2-135M-Instruct), under one protocol.
 
-    python bench/suite.py [--profile quick|full] [--only ptq lqer budget] [--recipes NAME ...] [--list]
+    python bench/suite.py [--profile quick|full] [--only ptq lqer budget tune] [--recipes NAME ...] [--list]
 
 Each suite is one `lowbit compare` run (`lowbit.compare.run_compare`) of the recipes below into
 bench/results/<profile>/<suite>/: every quantization as its own `lowbit quantize` process (its time and
@@ -63,11 +63,17 @@ def _ptq() -> dict[str, dict]:
     # QuantEase: coordinate descent on the same static grid as GPTQ, from W (the paper) and from GPTQ
     s["quantease-w3-g128"] = _q("quantease", 3, 128)
     s["quantease-gptq-w3-g128"] = _q("quantease", 3, 128, init="gptq")
-    # composed recipes: a fine-tuning stage after the quantizer (32 steps of 4 calibration windows, KL to
-    # the fp model): CLAQ's codebook entries tuned (codes and bits unchanged), and L4Q from the GPTQ grid
-    s["claq-w3-tuned"] = {**_q("claq", 3, codebook_bits=8), "finetune": {"method": "codebook", "steps": 32}}
-    s["gptq-w3-g128-l4q"] = {**_q("gptq", 3, 128), "finetune": {"method": "l4q", "steps": 32}}
     return s
+
+
+def _tune() -> dict[str, dict]:
+    """Composed recipes, a fine-tuning stage after the quantizer (32 steps of 4 calibration windows, KL to
+    the fp model), beside their starting points: CLAQ's codebook entries tuned (codes and bits unchanged),
+    and L4Q from the GPTQ grid."""
+    return {"claq-w3": _q("claq", 3, codebook_bits=8),
+            "claq-w3-tuned": {**_q("claq", 3, codebook_bits=8), "finetune": {"method": "codebook", "steps": 32}},
+            "gptq-w3-g128": _q("gptq", 3, 128),
+            "gptq-w3-g128-l4q": {**_q("gptq", 3, 128), "finetune": {"method": "l4q", "steps": 32}}}
 
 
 def _lqer_suite() -> dict[str, dict]:
@@ -103,7 +109,7 @@ def _budget() -> dict[str, dict]:
     return s
 
 
-SUITES = {"ptq": _ptq, "lqer": _lqer_suite, "budget": _budget}
+SUITES = {"ptq": _ptq, "lqer": _lqer_suite, "budget": _budget, "tune": _tune}
 
 
 def run_suite(name: str, profile: str, model: str | None = None, only: list[str] | None = None) -> dict:

@@ -34,3 +34,18 @@ def test_demo_end_to_end_on_the_toy_model(tiny_model_dir, tmp_path, monkeypatch,
     stamp = (tmp_path / "demo" / "runs" / "rtn-w4-g32.json").stat().st_mtime_ns
     demo.run_demo(tmp_path, runs=runs)
     assert (tmp_path / "demo" / "runs" / "rtn-w4-g32.json").stat().st_mtime_ns == stamp
+
+
+def test_demo_recipes_are_the_bench_suite_recipes_of_the_same_name():
+    """quality.json reports the demo's recipes from the full ptq suite by name: the two must not drift."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "suite.py"
+    spec = importlib.util.spec_from_file_location("bench_suite", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    ptq = suite.SUITES["ptq"]()
+    for name, recipe in demo.RUNS:
+        assert ptq[name] == recipe, name
+    assert set(demo.BEST.values()) <= {n for n, _ in demo.RUNS} and set(demo.BEST) == {3, 4}

@@ -6,6 +6,7 @@ Tiny randomly initialised HF models built from configs (no downloads) and random
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -291,9 +292,11 @@ def test_resume_is_bit_identical(tmp_path):
         quantize_model(copy.deepcopy(base), GPTQConfig(bits=3, group_size=32), calib, checkpoint_dir=tmp_path,
                        progress=False)
 
+    spent = json.loads((tmp_path / "progress.json").read_text())["seconds"]
+    assert spent > 0  # the interrupted run's wall time up to its last saved block
     model = copy.deepcopy(base)
     res = quantize_model(model, GPTQ4, calib, checkpoint_dir=tmp_path, progress=False)
-    assert res.resumed_blocks == 2
+    assert res.resumed_blocks == 2 and res.resumed_seconds == spent
     assert list(res.qweights) == list(ref.qweights)
     assert all(qw_equal(res.qweights[n], ref.qweights[n]) for n in ref.qweights)
     assert [r.name for r in res.records] == [r.name for r in ref.records]
@@ -301,6 +304,7 @@ def test_resume_is_bit_identical(tmp_path):
     # a finished checkpoint resumes to the same result without quantizing anything
     again = quantize_model(copy.deepcopy(base), GPTQ4, calib, checkpoint_dir=tmp_path, progress=False)
     assert again.resumed_blocks == 3 and all(qw_equal(again.qweights[n], ref.qweights[n]) for n in ref.qweights)
+    assert again.resumed_seconds > spent  # the whole cost of the result: both earlier runs
     (tmp_path / "progress.json").write_text("{not json")
     with pytest.raises(LowbitError, match="unreadable checkpoint"):
         quantize_model(copy.deepcopy(base), GPTQ4, calib, checkpoint_dir=tmp_path, progress=False)

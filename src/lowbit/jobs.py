@@ -76,7 +76,10 @@ def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: b
         # over the ORIGINAL element count (a pruned channel stores nothing); bits_per_stored_weight: kept ones
         **{k: v for k, v in bit_counts(result.qweights, pruned and pruned["original_shapes"]).items()
            if k.startswith("bits_per")},
-        "quantize_seconds": time.perf_counter() - t0,
+        # a resumed run reports its whole cost: this process plus the interrupted one(s) up to the last
+        # saved block (the blocks redone after it are counted twice, so this errs high, never low)
+        "quantize_seconds": time.perf_counter() - t0 + result.resumed_seconds,
+        "resumed_blocks": result.resumed_blocks,
         "peak_memory_mb": result.peak_memory_mb,
         "n_layers": len(result.qweights),
         "calibration_windows": None if calib is None else list(calib.shape),

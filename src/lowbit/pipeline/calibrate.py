@@ -72,6 +72,7 @@ class QuantizeResult:
     seconds: float
     peak_memory_mb: float
     resumed_blocks: int = 0
+    resumed_seconds: float = 0.0  # time the interrupted run(s) spent on the resumed blocks; not in `seconds`
 
     @property
     def bits_per_weight(self) -> float:
@@ -302,7 +303,8 @@ def quantize_model(
     finally:
         model.train(training)
     return QuantizeResult(qweights, records, time.perf_counter() - t_start, peak_memory_mb(),
-                          resumed_blocks=ckpt.resumed if ckpt else 0)
+                          resumed_blocks=ckpt.resumed if ckpt else 0,
+                          resumed_seconds=ckpt.resumed_seconds if ckpt else 0.0)
 
 
 def _check_calib(model: nn.Module, adapter: Adapter, calib: torch.Tensor) -> None:
@@ -406,6 +408,9 @@ class _Checkpoint:
 
     def __init__(self, root: Path, fingerprint: dict[str, str], n_blocks: int):
         self.root, self.fp, self.n_blocks, self.resumed = root, fingerprint, n_blocks, 0
+        # wall time of the earlier runs up to their last saved block, so a resumed run can report the
+        # whole cost of its result (progress.json "seconds"; absent in checkpoints of older versions)
+        self.resumed_seconds, self._t0 = 0.0, time.perf_counter()
         root.mkdir(parents=True, exist_ok=True)
 
     def _progress(self) -> dict | None:
@@ -438,6 +443,7 @@ class _Checkpoint:
         except (OSError, KeyError, TypeError, ValueError, SafetensorError) as e:
             raise LowbitError(f"damaged checkpoint in {self.root} ({e}); delete it to start over") from None
         self.resumed = done
+        self.resumed_seconds = float(prog.get("seconds", 0.0))
         return done
 
     def load_inputs(self, block: int, n_batches: int) -> list[torch.Tensor]:
@@ -462,6 +468,7 @@ class _Checkpoint:
         if next_inputs is not None:
             inputs = {f"batch.{j}": h.contiguous() for j, h in enumerate(next_inputs)}
             _atomic(self.root / f"inputs-{i + 1:05d}.safetensors", lambda p: save_file(inputs, str(p)))
-        prog = {"format": "lowbit-partial/1", "fingerprint": self.fp, "n_blocks": self.n_blocks, "done": i + 1}
+        prog = {"format": "lowbit-partial/1", "fingerprint": self.fp, "n_blocks": self.n_blocks, "done": i + 1,
+                "seconds": self.resumed_seconds + time.perf_counter() - self._t0}
         _atomic(self.root / "progress.json", lambda p: p.write_text(json.dumps(prog, indent=1)))
         (self.root / f"inputs-{i:05d}.safetensors").unlink(missing_ok=True)
