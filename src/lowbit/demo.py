@@ -19,8 +19,9 @@ from lowbit.progress import log_line
 # (name, recipe), named as in bench/suite.py's ptq suite: the baselines and, at each width, the recipe
 # that measured best on the full protocol (bench/results/full/tables.md) at about the bits of GPTQ g128
 # (within 0.1 bit per weight) among those that fit the demo's ten minutes: SqueezeLLM's per-row
-# sensitivity-weighted codebooks. CLAQ measures better still at 4 bits but quantizes four times slower
-# than GPTQ, which would push the demo past its budget on 2 cores. BEST names them.
+# sensitivity-weighted codebooks. CLAQ measures better still at both widths, but at the demo's 32
+# calibration windows it quantizes about twice as slowly as SqueezeLLM or GPTQ, which would push the cold
+# demo past ten minutes on 2 cores. BEST names them.
 RUNS: list[tuple[str, dict]] = [
     ("rtn-w4-g128", {"quant": {"method": "rtn", "bits": 4, "group_size": 128}}),
     ("gptq-w4-g128", {"quant": {"method": "gptq", "bits": 4, "group_size": 128}}),
