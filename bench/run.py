@@ -2,7 +2,8 @@
 
     python bench/run.py [--profile quick|full] [--only NAME ...]
 
-quick (the default) runs in about an hour on 2 CPU cores; full writes the committed tables. Every result
+quick (the default; a few hours on 2 CPU cores, estimated from the runs in bench/results) and full (the
+committed tables; many hours) differ in windows and calibration size only. Every result
 file records its profile, protocol and provenance; `bench/summarize.py` (the last step) builds the
 tables by bit width, the paper-claim lines and the README's results section from them.
 """
@@ -29,6 +30,7 @@ def steps(profile: str) -> dict[str, list[str]]:
         "udfc": py + [str(HERE / "udfc.py"), "--part", "all", "--profile", profile],
         "calib-speed": py + [str(HERE / "calib_speed.py"), "--windows", "32" if quick else "128",
                              "--label", f"after-{profile}"],
+        "hqq-layers": py + [str(HERE / "hqq_layers.py")],
         "kmeans": py + [str(HERE / "kmeans_speed.py")],
         "svd": py + [str(HERE / "lqer_svd.py"), *(["--quick"] if quick else [])],
         "speed": py + [str(HERE / "speed.py"), "--out", out, *(["--quick"] if quick else [])],
