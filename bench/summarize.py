@@ -21,6 +21,9 @@ import json
 import math
 from pathlib import Path
 
+from lowbit.compare import describe
+from lowbit.recipe import make_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -38,7 +41,10 @@ def suite(profile: str, name: str) -> tuple[dict, dict[str, dict], dict]:
     runs = {}
     for f in sorted((d / "runs").glob("*.json")):
         j = json.loads(f.read_text())
-        runs[j["name"]] = {**j["result"], "recipe": j["recipe"], "provenance": j.get("provenance", {})}
+        # the setting column from the stored recipe with today's describe(), so every table names the
+        # same settings the same way whenever its runs were made
+        runs[j["name"]] = {**j["result"], "setting": describe(make_recipe(j["recipe"])), "recipe": j["recipe"],
+                           "provenance": j.get("provenance", {})}
     return base["result"], runs, base.get("provenance", {})
 
 

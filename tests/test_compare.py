@@ -266,3 +266,18 @@ def test_report_dir_of_another_model(compared, tiny_model_dir, tmp_path):
     (foreign / "notes.txt").write_text("mine")
     assert_clean_error(run("compare", tiny_model_dir, "--recipes", recipe, "-o", foreign), "not made by lowbit compare")
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_describe_tells_apart_the_settings_of_one_method():
+    from lowbit.recipe import make_recipe
+
+    d = lambda q, **kw: describe(make_recipe({"quant": q, **kw}))  # noqa: E731
+    assert d({"method": "claq", "bits": 3, "target_bits": 3.1}) != d({"method": "claq", "bits": 3})
+    assert "OR 1/tail" in d({"method": "claq", "bits": 3, "outlier_count": 1})
+    assert "+0.5% outliers" in d({"method": "gptq", "bits": 3, "outliers": 0.005})
+    lq = {"method": "rtn", "bits": 3, "lqer": {"rank": 8, "scale": "none"}}
+    l2 = {"method": "rtn", "bits": 3, "lqer": {"rank": 8, "scale": "act-mean"}}
+    assert "+lqer r8" in d(lq) and "+l2qer r8" in d(l2)
+    assert d({"method": "rtn", "bits": 4, "format": "mxint", "block_size": 16}) == "rtn w4 mxint b16"
+    assert d({"method": "awq", "bits": 3, "base": "gptq"}).endswith("on gptq")
+    assert d({"method": "gptq", "bits": 3}, finetune={"method": "l4q", "steps": 8}).endswith("+l4q 8 steps")

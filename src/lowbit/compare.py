@@ -94,21 +94,40 @@ def describe(recipe: Recipe) -> str:
         return " ".join([head, *("+" + s for s in ("prune", "finetune") if getattr(recipe, s) is not None)])
     gs = getattr(q, "group_size", None)
     parts = [q.method, f"w{q.bits}"]
-    if gs is not None:
-        parts.append({-1: "per-channel", 0: "per-tensor"}.get(gs, f"g{gs}"))
-    if getattr(q, "format", "int") == "mxint":
+    if getattr(q, "format", "int") == "mxint":  # the shared-exponent block is the grouping
         parts.append(f"mxint b{q.block_size}")
+    elif gs is not None:
+        parts.append({-1: "per-channel", 0: "per-tensor"}.get(gs, f"g{gs}"))
+    # the settings that tell recipes of one method apart in a table (defaults stay silent)
+    if getattr(q, "base", "rtn") != "rtn":
+        parts.append(f"on {q.base}")
+    if getattr(q, "init", None) == "gptq" and q.method == "quantease":
+        parts.append("from gptq")
+    if getattr(q, "codebook_bits", 16) != 16:
+        parts.append(f"cb{q.codebook_bits}")
+    if getattr(q, "target_bits", None):
+        parts.append(f"AP {q.target_bits}")
+    out = getattr(q, "outliers", 0.0)
+    if out not in (0.0, "none", None):
+        parts.append(f"OR {out}" if isinstance(out, str) else f"+{100 * out:g}% outliers")
+    if getattr(q, "outlier_count", 0):
+        parts.append(f"OR {q.outlier_count}/tail")
     lr = getattr(q, "lqer", None)
     if lr is not None:
         rule = (f"≤{lr.target_bits} bpw" if lr.target_bits else f"energy {lr.rank_energy}" if lr.rank_energy
                 else f"r{lr.rank}")
-        parts.append(f"+lqer {rule} {lr.factor_dtype}")
+        kind = "lqer" if lr.scale == "none" else "l2qer" if lr.scale == "act-mean" else f"lqer {lr.scale}"
+        parts.append(f"+{kind} {rule} {lr.factor_dtype}")
     if getattr(q, "act", None) is not None:
         parts.append(f"a{q.act.bits}")
     for what, items in (("include", recipe.include), ("ignore", recipe.ignore), ("override", recipe.overrides)):
         if items:
             parts.append(f"{len(items)} {what}")
-    parts += ["+" + s for s in ("prune", "finetune") if getattr(recipe, s) is not None]  # composed stages
+    if recipe.prune is not None:  # composed stages
+        parts.append("+prune")
+    if recipe.finetune is not None:
+        ft = recipe.finetune
+        parts.append(f"+{getattr(ft, 'method', 'finetune')} {getattr(ft, 'steps', '?')} steps")
     return " ".join(parts)
 
 
