@@ -62,10 +62,13 @@ def pick(profile: str, name: str) -> tuple[dict, dict[str, dict], dict, str]:
 
 
 def pick_json(profile: str, stem: str) -> tuple[dict | None, str]:
-    for prof in (profile, OTHER[profile]):
-        j = _json(RESULTS / prof / f"{stem}.json")
-        if j:
-            return j, prof
+    """`<stem>.json` of `profile`, else of the other one; `<stem>_custom.json` (a bench run with settings
+    other than its note's defaults, e.g. fewer QAT steps; its note says which) when there is no plain one."""
+    for name in (stem, f"{stem}_custom"):
+        for prof in (profile, OTHER[profile]):
+            j = _json(RESULTS / prof / f"{name}.json")
+            if j:
+                return j, prof
     return None, profile
 
 
@@ -233,7 +236,12 @@ def claims(profile: str) -> list[dict]:
             line("L4Q (Jeon et al. 2024)", "LoRA merged before the quantizer beats LR-QAT, QLoRA-style and PTQ at the same bits",
                  f"3-bit g128, {l4q.get('steps')} steps: KL L4Q {l4q['kl']:.4f}, LR-QAT {lr['kl']:.4f}, QLoRA-style "
                  f"{ql['kl']:.4f} ({ql['bits_per_weight']:.2f} bits), GPTQ {g['kl']:.4f}{profile_note(q_prof, profile)}",
-                 ok, "lowest KL of the four")
+                 ok, "lowest KL of the four",
+                 f"a training budget far below the paper's: {l4q.get('steps')} steps of 4 × 256 tokens (about "
+                 f"{4 * 256 * (l4q.get('steps') or 0) // 1000} k tokens; the paper about 195 steps of 128 sequences of "
+                 "up to 2048 tokens). L4Q and LR-QAT start from their own initial grids (L4Q_init, LR-QAT's "
+                 "min-max), not from GPTQ's, and that budget leaves them worse than GPTQ's starting point; the "
+                 "tune suite's gptq-w3-g128-l4q starts L4Q from the GPTQ grid instead")
     u, u_prof = pick_json(profile, "udfc")
     if u and u.get("lm"):
         rows = u["lm"]["rows"]
@@ -252,8 +260,7 @@ def claims(profile: str) -> list[dict]:
                               if light else "") for q, none, free, light in trip) + profile_note(u_prof, profile),
                  ok, "data-free UDFC lowers KL at every pruning ratio",
                  "the paper's setting is CNNs whose BatchNorm statistics give the pruned channels' input moments "
-                 "without data; an LLM MLP's inputs (RMSNorm applied to real hidden states, with a few massive "
-                 "channels) are far from the Gaussian-noise moments the data-free variant uses, so its closed form "
+                 "without data; an LLM MLP's inputs (RMSNorm applied to real hidden states) are far from the Gaussian-noise moments the data-free variant uses, so its closed form "
                  "fits the wrong covariance. The same closed form with moments from the calibration windows "
                  "(lowbit's data-light variant) recovers most of the loss. Pruning MLP channels by weight norm "
                  "alone breaks this model: zeroing the 10 % of channels with the smallest gate/up norm raises "
