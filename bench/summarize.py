@@ -220,10 +220,9 @@ def claims(profile: str) -> list[dict]:
              "; ".join(f"{n}: KL {kl(n):.4f}, ppl {ppl(n):.2f}" for n in qe)
              + f"; GPTQ w3 g128 (same {bpw('gptq-w3-g128'):.3f} bits): KL {kl('gptq-w3-g128'):.4f}, "
                f"ppl {ppl('gptq-w3-g128'):.2f}", ok, "lower KL than GPTQ at the same grid",
-             "not analysed yet (the QuantEase issue): started from GPTQ's solution, lowbit's QuantEase lowers "
-             "each layer's objective below GPTQ's in its tests, so a higher end-to-end KL would point at how the "
-             "layer errors compound (GPTQ runs true-sequentially on quantized inputs here); from W, the paper's "
-             "start, its per-layer objective is not yet compared with GPTQ's")
+             "not analysed yet (left to the QuantEase issue): started from GPTQ's solution, lowbit's QuantEase "
+             "lowers a layer's objective below GPTQ's in its tests; from W, the paper's start, its per-layer "
+             "objective has not yet been compared with GPTQ's on this model")
     if lq and all(n in lq for n in ("int3-g128", "int3-g128-lqer32", "int3-g128-l2qer32")):
         k = {n: lq[n]["kl"] for n in lq}
         ok = k["int3-g128-l2qer32"] < k["int3-g128-lqer32"] < k["int3-g128"]
