@@ -250,8 +250,8 @@ def claims(profile: str) -> list[dict]:
                  f"a training budget far below the paper's: {l4q.get('steps')} steps of 4 × 256 tokens (about "
                  f"{4 * 256 * (l4q.get('steps') or 0) // 1000} k tokens; the paper about 195 steps of 128 sequences of "
                  "up to 2048 tokens). L4Q and LR-QAT start from their own initial grids (L4Q_init, LR-QAT's "
-                 "min-max), not from GPTQ's, and that budget leaves them worse than GPTQ's starting point; the "
-                 "tune suite's gptq-w3-g128-l4q starts L4Q from the GPTQ grid instead")
+                 "min-max), not from GPTQ's, and that budget leaves them worse than GPTQ's starting point (the "
+                 "tune suite's gptq-w3-g128-l4q, L4Q from the GPTQ grid, is the next measurement)")
     u, u_prof = pick_json(profile, "udfc")
     if u and u.get("lm"):
         rows = u["lm"]["rows"]
