@@ -200,6 +200,17 @@ def test_resume_reuses_finished_runs_and_reruns_changed(tiny_model_dir, tmp_path
     assert "| rtn3 | rtn w2 g32 |" in (out / "report.md").read_text()
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["rtn3.json", "rtn4.json"]  # models not kept
 
+    # A call with one of the recipes reports every finished run of the directory made under the same
+    # evaluation; a run of other evaluation settings (the key no longer matches) is left out, not deleted.
+    only = run_compare(str(tiny_model_dir), recipe_files(paths[:1]), out, SETTINGS, progress=False)
+    assert [r["name"] for r in only["rows"]] == ["rtn4", "rtn3"] and all(r["resumed"] for r in only["rows"])
+    report = (out / "report.md").read_text()
+    assert "| rtn3 | rtn w2 g32 |" in report and "### rtn3" in report
+    saved = json.loads((out / "runs" / "rtn3.json").read_text())
+    (out / "runs" / "rtn3.json").write_text(json.dumps({**saved, "key": "another evaluation"}))
+    only = run_compare(str(tiny_model_dir), recipe_files(paths[:1]), out, SETTINGS, progress=False)
+    assert [r["name"] for r in only["rows"]] == ["rtn4"] and (out / "runs" / "rtn3.json").is_file()
+
 
 def test_budget_recipes():
     base = make_recipe({"quant": {"method": "gptq", "bits": 3, "group_size": 32},

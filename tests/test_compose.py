@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -312,3 +313,15 @@ def test_job_prune_quantize_finetune(tiny_model_dir, tmp_path):
     qc = info["quantization_config"]  # config.json says the same as the summary (exporters read it)
     assert qc["bits_per_weight"] == s["bits_per_weight"] and qc["bits_per_stored_weight"] == s["bits_per_stored_weight"]
     assert all(isinstance(q.grid, CodebookGrid) for q in qweights.values())
+
+
+def test_finetune_stage_shows_its_steps_in_a_log(claq_model, monkeypatch, capsys):
+    """A fine-tune of many minutes inside `lowbit quantize` (and a compare run) prints its steps and loss."""
+    from lowbit import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.01)
+    model, teacher, qweights, calib = claq_model
+    finetune_stage(copy.deepcopy(model), teacher, qweights, FinetuneStageConfig(method="codebook", steps=2),
+                   calib, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "finetune (codebook)" in line]
+    assert lines and re.search(r"finetune \(codebook\) 2/2 \(loss \d", lines[-1]), lines

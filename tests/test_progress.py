@@ -32,3 +32,19 @@ def test_a_stalled_step_still_prints(monkeypatch, capsys):
         time.sleep(0.5)  # nothing advances: lines every 3·0.05 s all the same
     lines = [line for line in capsys.readouterr().err.splitlines() if "one long layer 0/1" in line]
     assert len(lines) >= 3, lines
+
+
+def test_step_progress_shows_its_fields_in_a_log(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.05)
+    with progress.StepProgress("finetune (l4q)", 2, True, loss=float("nan")) as bar:
+        for loss in (2.5, 1.25):
+            time.sleep(0.12)
+            bar.update(loss=loss)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "finetune (l4q)" in line]
+    assert lines and "finetune (l4q) 2/2 (loss 1.25)" in lines[-1], lines
+
+
+def test_step_progress_disabled_prints_nothing(capsys):
+    with progress.StepProgress("quiet", 3, False, loss=0.0) as bar:
+        bar.update(loss=1.0)
+    assert capsys.readouterr().err == ""

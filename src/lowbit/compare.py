@@ -351,6 +351,25 @@ class Comparison:
         return {**row, "resumed": False}
 
 
+    def finished_runs(self, skip: set[str]) -> list[tuple[str, dict, dict]]:
+        """The saved runs of this directory not in `skip` whose results still hold: their key, recomputed
+        from their saved recipe, matches (same model, protocol, windows and data). A report of a few
+        recipes added to a directory thus lists every run in it, as a table grown over several calls.
+        Returns (name, row, recipe as saved) in name order."""
+        rows = []
+        for path in sorted((self.out / "runs").glob("*.json")):
+            if path.stem in skip:
+                continue
+            try:
+                as_saved = json.loads(path.read_text())["recipe"]
+                recipe = Recipe.model_validate(as_saved)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a run of this format: left out of the table, never deleted
+            saved = _read_saved(path, self.key(recipe))
+            if saved is not None:
+                rows.append((path.stem, {**saved, "resumed": True}, as_saved))
+        return rows
+
     def _quantize_in_subprocess(self, model_dir: Path, recipe: Recipe) -> dict:
         """`lowbit quantize --recipe` as its own process, so its peak memory and time are its own, exactly as
         a user runs it; its summary is read back from the output's lowbit.json."""
@@ -376,8 +395,8 @@ def run_compare(model_path: str, named: Sequence[tuple[str, Recipe]], out_dir: s
                 protocol: Protocol | None = None, *, data: str | None = None, keep_models: bool = False,
                 progress: bool = True, command: str | None = None, trust_remote_code: bool = False,
                 on_run: Callable[[dict], None] | None = None, isolate: bool = False) -> dict:
-    """Run every recipe (reusing saved runs), then write report.md, report.html and pareto.png.
-    Returns {"rows", "baseline", "paths"}; `on_run` sees each row as it is done. `isolate`: each
+    """Run every recipe (reusing saved runs), then write report.md, report.html and pareto.png over
+    these runs and every other finished run of the directory made under the same evaluation. Returns {"rows", "baseline", "paths"}; `on_run` sees each row as it is done. `isolate`: each
     quantization runs as its own `lowbit quantize` process (honest peak memory per run)."""
     from lowbit.eval.compare_report import write_report
 
@@ -393,8 +412,10 @@ def run_compare(model_path: str, named: Sequence[tuple[str, Recipe]], out_dir: s
         rows.append(cmp.run(name, recipe))
         if on_run is not None:
             on_run(rows[-1])
+    others = cmp.finished_runs({name for name, _ in named})
+    rows += [row for _, row, _ in others]
     info = {"model": cmp.model_path, "command": command, "eval": cmp.eval_settings(),
             "provenance": cmp.provenance, "wall_seconds": time.perf_counter() - t0,
-            "recipes": {n: r.model_dump(mode="json") for n, r in named}}
+            "recipes": {**{n: r.model_dump(mode="json") for n, r in named}, **{n: r for n, _, r in others}}}
     paths = write_report(cmp.out, rows, baseline, info)
     return {"rows": rows, "baseline": baseline, "paths": paths}

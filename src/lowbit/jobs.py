@@ -70,7 +70,8 @@ def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: b
     )
     tuned = None
     if recipe.finetune is not None:
-        result.qweights, tuned = stages.finetune_stage(model, teacher, result.qweights, recipe.finetune, calib)
+        result.qweights, tuned = stages.finetune_stage(model, teacher, result.qweights, recipe.finetune, calib,
+                                                       progress=progress)
     summary = {
         "method": recipe.quant.method,
         # over the ORIGINAL element count (a pruned channel stores nothing); bits_per_stored_weight: kept ones

@@ -92,6 +92,27 @@ class OptionalProgress:
                 self.p.stop()
 
 
+class StepProgress(OptionalProgress):
+    """One bar of `total` steps labelled `label`, with named numeric fields shown beside it
+    (`update(loss=...)` advances one step). A no-op when disabled."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, **fields: float):
+        super().__init__()
+        self.task = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            cols = [TextColumn(f"{{task.fields[{k}]:.4g}} {k}") for k in fields]
+            self.p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), *cols, TimeElapsedColumn(),
+                              console=Console(stderr=True))
+            self.task = self.p.add_task(label, total=total, **fields)
+
+    def update(self, **fields: float) -> None:
+        if self.p:
+            self.p.update(self.task, advance=1, **fields)
+
+
 def progress_iter(items, label: str, enabled: bool = True, total: int | None = None):
     """Iterate `items` showing progress (a bar, or log lines); a plain iterator when disabled."""
     if not enabled:

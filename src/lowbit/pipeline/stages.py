@@ -29,6 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.codebook import CodebookGrid
 from lowbit.formats.quantized_weight import QuantizedWeight, UniformGrid
 from lowbit.nn.quant_linear import QuantLinear, replace_module
+from lowbit.progress import StepProgress
 
 
 class FinetuneStageConfig(BaseModel):
@@ -142,9 +143,11 @@ def window_losses(model: nn.Module, windows: torch.Tensor, loss: str, teacher: n
 
 
 def finetune_stage(model: nn.Module, teacher: nn.Module | None, qweights: dict[str, QuantizedWeight],
-                   cfg: FinetuneStageConfig, windows: torch.Tensor) -> tuple[dict[str, QuantizedWeight], dict]:
+                   cfg: FinetuneStageConfig, windows: torch.Tensor, progress: bool = False,
+                   ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Fine-tune the quantized `model` in place; returns (new qweights, report). The model ends with
-    QuantLinears running the returned weights; the stored bits of every layer are unchanged."""
+    QuantLinears running the returned weights; the stored bits of every layer are unchanged. `progress`:
+    a bar of the training steps with the running loss (timestamped lines in a log file)."""
     from lowbit.qat.codebook_tuning import CodebookTuneLinear
     from lowbit.qat.data import batch_indices
     from lowbit.qat.trainer import window_loss
@@ -178,16 +181,18 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, qweights: dict[s
     before = window_losses(model, shown, cfg.loss, teacher)
     history = []
     try:
-        for step in range(cfg.steps):
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * _lr(step, cfg.steps)
-            idx = batch_indices(windows.shape[0], cfg.batch_size, step, cfg.seed)
-            ids = windows[idx]
-            loss = window_loss(model, ids, ones[idx], cfg.loss, teacher) / (ids.shape[0] * (ids.shape[1] - 1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            history.append(float(loss.detach()))
+        with StepProgress(f"finetune ({cfg.method})", cfg.steps, progress, loss=float("nan")) as bar:
+            for step in range(cfg.steps):
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * _lr(step, cfg.steps)
+                idx = batch_indices(windows.shape[0], cfg.batch_size, step, cfg.seed)
+                ids = windows[idx]
+                loss = window_loss(model, ids, ones[idx], cfg.loss, teacher) / (ids.shape[0] * (ids.shape[1] - 1))
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                history.append(float(loss.detach()))
+                bar.update(loss=history[-1])
         new = dict(qweights)
         with torch.no_grad():
             for name, layer in layers.items():
