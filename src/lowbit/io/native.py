@@ -130,6 +130,11 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
             tensors[full] = t.detach().cpu().contiguous()
     config = json.loads(model.config.to_json_string(use_diff=False))
     config["quantization_config"] = _quant_config(qweights, recipe, original_shapes)
+    from lowbit.models.experts import ExpertList
+
+    unfused = [n for n, m in model.named_modules() if isinstance(m, ExpertList)]
+    if unfused:  # the loader unfuses the same modules of the freshly built model before loading
+        config["quantization_config"]["unfused_experts"] = unfused
     for name in qweights:  # a layer's activation format (LQER's W4A8) travels with it
         act = getattr(model.get_submodule(name), "act", None)
         if act is not None:
@@ -306,6 +311,10 @@ def load_quantized(path: str | Path, *, trust_remote_code: bool = False, dtype: 
         _verify(path, provenance)
     tensors = _read_tensors(path)
     model = _build_model(path, tensors, dtype, trust_remote_code)
+    if qc.get("unfused_experts"):
+        from lowbit.models.experts import unfuse_experts
+
+        unfuse_experts(model, list(qc["unfused_experts"]))
     plain, quant = _split(tensors, qc["layers"], set(model.state_dict()))
     _load_plain(model, plain, qc["layers"])
     model.tie_weights()  # before the swap: a quantized lm_head must not be re-tied to the embeddings

@@ -1,18 +1,26 @@
-"""Architecture adapters: where the decoder blocks are, what runs before them, in which order a block's
-linear layers are quantized, and which layers are quantized at all.
+"""Architectures: where the decoder blocks are and which of their layers are quantized, found from the
+module tree and the config, not from a list per model type.
 
-Known architectures get GPTQ's "true-sequential" order (research notes B1): inside a block the groups
-{q, k, v} → o → {gate, up} → down are quantized one after another, each seeing the already quantized
-groups before it. Any other `nn.Module` gets the generic fallback: the whole model is one "block" and all
-its linears form one group, with statistics from a full forward pass.
+* **Blocks.** The decoder stack of an HF causal LM is the `nn.ModuleList` whose entries are all of one
+  class, hold linear layers, and together hold the most parameters (`model.layers`, `model.decoder.layers`,
+  `transformer.h`, `gpt_neox.layers`, ...). Lists inside a block (unfused experts) are not candidates.
+* **Layers.** Every `nn.Linear` / `Conv1D` inside a block, except routers: in a mixture-of-experts model
+  (`num_experts` / `num_local_experts` in the config), a linear whose outputs are one per expert or a
+  single gate value (Qwen2-MoE's `shared_expert_gate`) stays in full precision, like the peers keep it.
+  Fused expert tensors are first unfolded into one linear per expert (`lowbit.models.experts`).
+* **Order.** GPTQ's "true-sequential" groups ({q, k, v} → o → {gate, up} → down, research notes B1) are
+  read off the block's dataflow (`lowbit.models.dataflow`) when calibration runs, not from names.
+
+Anything else (a plain `nn.Module`, a model without such a list) gets the generic fallback: the whole
+model is one "block" and all its linears form one group, with statistics from a full forward pass.
 
 Layers are named by their full module path (`model.layers.0.mlp.down_proj`). Include/ignore/override
 patterns are Python regexes matched anywhere in the name (`re.search`): `down_proj` selects every
 down projection; anchor or add the dot when a prefix is ambiguous (`layers\\.1` also matches `layers.10`,
 `layers\\.1\\.` does not).
 `lm_head` (the output embedding) and embeddings are never quantized: they are not in any block, and the
-fallback excludes the output embedding explicitly. Linears outside the blocks of a known architecture
-(OPT's project_in/project_out) stay in full precision too.
+fallback excludes the output embedding explicitly. Linears outside the blocks (OPT's project_in/out) stay
+in full precision too.
 """
 
 from __future__ import annotations
@@ -55,72 +63,38 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Adapter:
-    """How to walk one architecture. `blocks_path=None` means the whole model is one block (fallback)."""
+    """How to walk one model. `blocks_path=None` means the whole model is one block (fallback)."""
 
-    name: str
+    name: str  # the config's model_type, or "generic"
     blocks_path: str | None
-    pre_modules: tuple[str, ...] = ()
-    sequential: tuple[tuple[str, ...], ...] = ()  # block-relative names, in quantization order
-
-    def _resolve(self, model: nn.Module, path: str) -> str | None:
-        """The path as given, or shortened from the front (a bare `LlamaModel` has `layers`, not `model.layers`)."""
-        parts = path.split(".")
-        for i in range(len(parts)):
-            p = ".".join(parts[i:])
-            try:
-                m = model.get_submodule(p)
-            except AttributeError:
-                continue
-            if isinstance(m, nn.ModuleList) and len(m) > 0:
-                return p
-        return None
-
-    def blocks_prefix(self, model: nn.Module) -> str | None:
-        return None if self.blocks_path is None else self._resolve(model, self.blocks_path)
+    n_experts: int = 0  # experts per MoE layer (config), 0 for a dense model
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """(full name, module) of each block; the fallback's single block is the model, named ''."""
         if self.blocks_path is None:
             return [("", model)]
-        prefix = self.blocks_prefix(model)
-        if prefix is None:
-            raise LowbitError(f"{self.name}: no decoder blocks at {self.blocks_path!r} in {type(model).__name__}")
-        return [(f"{prefix}.{i}", b) for i, b in enumerate(model.get_submodule(prefix))]
+        return [(f"{self.blocks_path}.{i}", b) for i, b in enumerate(model.get_submodule(self.blocks_path))]
 
-    def pre_block_modules(self, model: nn.Module) -> list[str]:
-        """Modules that run before the first block (embeddings, positions, rotary), shortened like the blocks."""
-        if self.blocks_path is None:
-            return []
-        prefix = self.blocks_prefix(model) or ""
-        drop = len(self.blocks_path.split(".")) - len(prefix.split("."))
-        out = []
-        for p in self.pre_modules:
-            short = ".".join(p.split(".")[drop:])
-            try:
-                if model.get_submodule(short) is not None:
-                    out.append(short)
-            except AttributeError:
-                pass
-        return out
+    def blocks_prefix(self, model: nn.Module) -> str | None:
+        return self.blocks_path
+
+    def is_router(self, module: nn.Module) -> bool:
+        """A MoE router or gate: one output per expert, or a single gate value."""
+        return self.n_experts > 0 and is_quantizable(module) and layer_shape(module)[0] in (1, self.n_experts)
+
+    def routers(self, block_name: str, block: nn.Module) -> list[str]:
+        pre = f"{block_name}." if block_name else ""
+        return [pre + n for n, m in block.named_modules() if n and self.is_router(m)]
 
     def groups(self, model: nn.Module, block_name: str, block: nn.Module) -> list[list[str]]:
-        """True-sequential groups of full layer names in one block, before include/ignore.
-
-        Layers of the block that the order does not name (an architecture variant) come last, together.
-        """
-        present = {n: m for n, m in block.named_modules() if n and is_quantizable(m)}
+        """The block's quantizable layers (full names, module order) as one group, before include/ignore.
+        The pipeline splits it into true-sequential groups from the dataflow (`dataflow.sequential_groups`)."""
+        present = [n for n, m in block.named_modules() if n and is_quantizable(m) and not self.is_router(m)]
         if self.blocks_path is None:
             skip = _output_embedding_names(model)
-            return [[n for n in present if n not in skip]]
+            present = [n for n in present if n not in skip]
         pre = f"{block_name}." if block_name else ""
-        out, seen = [], set()
-        for g in self.sequential:
-            names = [n for n in g if n in present]
-            seen.update(names)
-            if names:
-                out.append([pre + n for n in names])
-        rest = [pre + n for n in present if n not in seen]
-        return out + ([rest] if rest else [])
+        return [[pre + n for n in present]] if present else []
 
 
 def _output_embedding_names(model: nn.Module) -> set[str]:
@@ -130,40 +104,47 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
     return names | {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
 
 
-_LLAMA_ORDER = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-_LLAMA = dict(blocks_path="model.layers", pre_modules=("model.embed_tokens", "model.rotary_emb"),
-              sequential=_LLAMA_ORDER)
+def _holds_linears(m: nn.Module) -> bool:
+    return any(is_quantizable(c) or isinstance(c, QuantLinear) for c in m.modules())
 
-ADAPTERS: dict[str, Adapter] = {
-    "llama": Adapter("llama", **_LLAMA),
-    "mistral": Adapter("mistral", **_LLAMA),
-    "qwen2": Adapter("qwen2", **_LLAMA),
-    "opt": Adapter(
-        "opt", "model.decoder.layers",
-        ("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-        (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
-    ),
-    "gpt2": Adapter(
-        "gpt2", "transformer.h", ("transformer.wte", "transformer.wpe", "transformer.drop"),
-        (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-    ),
-}
-GENERIC = Adapter("generic", None)
+
+def find_blocks(model: nn.Module) -> str | None:
+    """The full name of the decoder stack: among the ModuleLists of one class that hold linear layers
+    and are not inside another such list, the one with the most parameters; None when there is none."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+             and len({type(b) for b in m}) == 1 and _holds_linears(m[0])]
+    outer = [(n, m) for n, m in lists if not any(o != n and n.startswith(o + ".") for o, _ in lists)]
+    if not outer:
+        return None
+    size = lambda m: sum(p.numel() for p in m.parameters()) + sum(  # noqa: E731 (quantized layers count too)
+        q.qweight.shape[0] * q.qweight.shape[1] for q in m.modules() if isinstance(q, QuantLinear))
+    return max(outer, key=lambda nm: (size(nm[1]), -nm[0].count(".")))[0]
+
+
+def _n_experts(config) -> int:
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 1:
+            return v
+    return 0
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for `model.config.model_type`, else the generic fallback; refuses models with nothing to quantize."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    adapter = ADAPTERS.get(model_type, GENERIC)
-    if adapter.blocks_path is not None and adapter.blocks_prefix(model) is None:
-        adapter = GENERIC
+    """The decoder stack of an HF model found from its module tree, else the generic fallback; refuses
+    models with nothing to quantize."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    path = find_blocks(model) if hasattr(model, "get_input_embeddings") and config is not None else None
+    adapter = Adapter(model_type or "generic", path, _n_experts(config)) if path else GENERIC
     if not any(g for n, b in adapter.blocks(model) for g in adapter.groups(model, n, b)):
         if any(isinstance(m, QuantLinear) for m in model.modules()):
             raise LowbitError(f"{type(model).__name__} is already quantized: no float linear layer is left")
         raise LowbitError(f"unsupported architecture {type(model).__name__} (model_type={model_type}): "
                           "no nn.Linear or Conv1D layer to quantize")
     return adapter
+
+
+GENERIC = Adapter("generic", None)
 
 
 # ---- selection and per-layer configs

@@ -40,6 +40,8 @@ from lowbit.methods import MethodConfig, StatsAccumulator, needs_activation_stat
 from lowbit.methods.stats import output_error
 from lowbit.pipeline.block_runner import BlockRunner
 from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
+from lowbit.models.dataflow import sequential_groups
+from lowbit.models.experts import expert_layers, unfuse_experts
 from lowbit.models.swap import make_quant_linear, swap_in
 from lowbit.nn.quant_linear import QuantLinear, replace_module
 
@@ -58,6 +60,7 @@ class LayerRecord:
     loss: float | None = None  # GPTQ's Σ (w − q)² / U_jj² / 2
     rel_error: float | None = None  # ‖X(W − Ŵ)ᵀ‖_F / ‖XWᵀ‖_F on this layer's calibration inputs
     nsamples: int = 0  # calibration tokens behind the statistics
+    note: str | None = None  # why this layer deviates from its config (an expert's fallback)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -182,11 +185,25 @@ def _capture(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batc
 # ---- one block
 
 
+# An expert that the calibration tokens rarely reach has a Hessian of rank ≤ its token count: a solver fitted
+# to so few tokens overfits them. Below this many routed tokens an expert layer is quantized by RTN on the
+# same grid (bits, group size, symmetry), and the layer record says so.
+MIN_EXPERT_TOKENS = 64
+
+
 def _quantize_layer(model: nn.Module, name: str, block_idx: int, config: MethodConfig, orig_dtype: torch.dtype,
-                    acc: StatsAccumulator | None, measure: bool) -> tuple[QuantizedWeight, LayerRecord]:
+                    acc: StatsAccumulator | None, measure: bool,
+                    expert: bool = False) -> tuple[QuantizedWeight, LayerRecord]:
     module = model.get_submodule(name)
     W = layer_weight(module).float()
     stats = None if acc is None else acc.result()
+    note = None
+    n = 0 if stats is None else stats.nsamples
+    if expert and needs_calibration(config) and n < MIN_EXPERT_TOKENS:
+        from lowbit.models.adapters import merge_config
+
+        note = f"expert reached by {n} calibration tokens (< {MIN_EXPERT_TOKENS}): RTN on the same grid"
+        config = merge_config(config, {"method": "rtn"}, name)
     if stats is not None and stats.nsamples == 0:
         if needs_calibration(config):
             raise LowbitError(f"{name}: received no calibration inputs (is it used in the forward pass?)")
@@ -203,7 +220,7 @@ def _quantize_layer(model: nn.Module, name: str, block_idx: int, config: MethodC
         rel = _relative_error(W, qw.dequantize(), stats.hessian)
     replace_module(model, name, make_quant_linear(module, qw, name))
     rec = LayerRecord(name, block_idx, tuple(qw.shape), config.method, qw.bits, qw.bits_per_weight(), seconds,
-                      loss, rel, 0 if stats is None else stats.nsamples)
+                      loss, rel, n, note)
     return qw, rec
 
 
@@ -238,7 +255,10 @@ def quantize_model(
     max(2 GiB, twice the block's calibration activations); 0 recomputes everything, same result).
     """
     t_start = time.perf_counter()
+    if hasattr(model, "get_input_embeddings"):
+        unfuse_experts(model)  # one linear per expert, each quantized on the tokens routed to it
     adapter = get_adapter(model)
+    experts = expert_layers(model)
     plan = LayerPlan(config, include, ignore, list(overrides or []))
     blocks = adapter.blocks(model)
     groups = [[[n for n in g if plan.selected(n)] for g in adapter.groups(model, bn, b)] for bn, b in blocks]
@@ -271,6 +291,7 @@ def quantize_model(
     model.eval()
     qweights: dict[str, QuantizedWeight] = {}
     records: list[LayerRecord] = []
+    traced: dict = {}  # block structure → its true-sequential groups (block-relative), traced once
     try:
         with torch.no_grad(), _Bars(progress, len(blocks)) as bars:
             start = 0
@@ -290,7 +311,8 @@ def quantize_model(
                 last = i == len(blocks) - 1
                 done = _quantize_block(model, block, i, groups[i], configs, hidden, ctxs, use_data, measure,
                                        bars, on_layer, records, prefix=name, advance=use_data and not last,
-                                       cache_budget=cache_budget)
+                                       cache_budget=cache_budget, experts=experts,
+                                       traced=traced if adapter.blocks_path is not None else None)
                 qweights.update(done)
                 if ckpt is not None:
                     ckpt.save_block(i, done, records, None if (last or not use_data) else hidden)
@@ -328,8 +350,12 @@ def _block_inputs(model, adapter, first_block, calib, batch_size):
 
 
 def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, measure, bars, on_layer,
-                    records, prefix: str = "", advance: bool = False, cache_budget: int | None = None):
+                    records, prefix: str = "", advance: bool = False, cache_budget: int | None = None,
+                    experts: frozenset = frozenset(), traced: dict | None = None):
     """True-sequential quantization of one block, in float32 (cast back to its dtype afterwards).
+
+    With `traced` (a decoder block) and data, the block's layers are split into true-sequential groups
+    read off its dataflow on the first batch (`dataflow.sequential_groups`), once per block structure.
 
     With `advance`, `hidden` is replaced in place by the quantized block's outputs (the next block's
     inputs): one block's activations live at a time. The block's sub-modules run through a
@@ -343,13 +369,15 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
     runner = (BlockRunner(model, block, prefix, hidden, ctxs, {n for g in groups for n in g}, budget)
               if use_data else None)
     try:
+        if traced is not None and use_data:
+            groups = _true_sequential(block, prefix, [n for g in groups for n in g], hidden, ctxs, traced)
         for group in groups:
             data = any(needs_calibration(configs[n]) for n in group) or measure
             acts = any(needs_activation_stats(configs[n]) for n in group)
             accs = runner.collect(group, activations=acts) if use_data and data else {}
             for name in group:
                 qw, rec = _quantize_layer(model, name, idx, configs[name], dtypes[name], accs.pop(name, None),
-                                          measure)
+                                          measure, name in experts)
                 out[name] = qw
                 records.append(rec)
                 bars.layer(name)
@@ -366,6 +394,20 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
             if isinstance(m, QuantLinear):
                 m._cache = None
     return out
+
+
+def _true_sequential(block, prefix, names, hidden, ctxs, traced: dict) -> list[list[str]]:
+    """The groups of `names`, traced on batch 0 the first time a block of this structure is seen."""
+    from lowbit.pipeline.block_runner import run_block
+
+    cut = len(prefix) + 1 if prefix else 0
+    rel = tuple(n[cut:] for n in names)
+    key = (type(block), rel)
+    if key not in traced:
+        groups = sequential_groups(block, prefix, list(names), lambda: run_block(block, hidden[0], ctxs[0]))
+        traced[key] = [[n[cut:] for n in g] for g in groups]
+    pre = f"{prefix}." if prefix else ""
+    return [[pre + n for n in g] for g in traced[key]]
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
