@@ -73,6 +73,7 @@ def quantize(
     calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per window (default 512)."),
     seed: Optional[int] = typer.Option(None, help="Calibration sampling seed (default 0)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    load: str = typer.Option("auto", help="layers: read one decoder block at a time from the safetensors, in the checkpoint's dtype (peak memory about one block plus the embeddings and calibration activations) | whole: load the whole model in float32 first (prune, budget, finetune stages and --act-bits need it) | auto: layers whenever it applies. Both give the same quantized layers."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model repo (off by default)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -116,7 +117,7 @@ def quantize(
         b = r.budget.model_dump() if r.budget is not None else {}
         r = make_recipe({**r.model_dump(), "budget": {**b, "bits_per_weight": budget_bits}}, source="settings")
     summary = quantize_job(model, out, r, data=data, overwrite=overwrite, progress=not quiet,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, load=load)
     console.print(f"[green]saved[/green] {out}: {summary['method']} {summary['bits_per_weight']:.3f} bits/weight "
                   f"(all metadata), {summary['quantize_seconds']:.1f} s, peak {summary['peak_memory_mb']:.0f} MB")
 

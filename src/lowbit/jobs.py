@@ -105,14 +105,51 @@ def save_result(model, result, recipe: Recipe, extras: dict, out: Path, *, token
         atomic_write_text(Path(out) / name, text)
 
 
+LOAD_MODES = ("auto", "layers", "whole")
+
+
+def layerwise_blocker(model_path: str, recipe: Recipe) -> str | None:
+    """Why `model_path` under `recipe` cannot be quantized layer by layer (None: it can)."""
+    p = Path(model_path).expanduser()
+    if not p.is_dir():
+        return "the model is not a local directory"
+    if not ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
+        return "the model directory has no safetensors weights"
+    from lowbit.io.native import is_quantized_dir
+
+    if is_quantized_dir(p):
+        return "the model is already quantized by lowbit"
+    stages = [s for s, on in (("prune", recipe.prune), ("budget", recipe.budget), ("finetune", recipe.finetune)) if on]
+    if stages:
+        return f"the recipe's {stages[0]} stage works on the whole model"
+    acts = [recipe.quant.act] + [o.config.get("act") for o in recipe.overrides]
+    if any(a is not None for a in acts):
+        return "activation quantization (W4A8) is set up on the whole model"
+    return None
+
+
 def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str | None = None,
-                 overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False) -> dict:
-    """Load, calibrate, quantize block by block, save atomically. Returns a summary dict."""
+                 overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False,
+                 load: str = "auto") -> dict:
+    """Load, calibrate, quantize block by block, save atomically. Returns a summary dict.
+
+    load: "layers" reads one decoder block at a time from the safetensors (`lowbit.io.lazy`; the
+    checkpoint's dtype kept, one block in memory); "whole" loads the whole model in float32 first (needed
+    by prune / budget / fine-tune stages and W4A8); "auto" takes "layers" whenever it applies. Both give
+    the same quantized layers."""
     from lowbit.io.native import load_model
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"output directory {out} exists; pass --overwrite to replace it")
+    if load not in LOAD_MODES:
+        raise LowbitError(f"--load must be one of {', '.join(LOAD_MODES)}, got {load!r}")
+    blocker = layerwise_blocker(model_path, recipe) if load != "whole" else "--load whole"
+    if load == "layers" and blocker:
+        raise LowbitError(f"cannot load {model_path} layer by layer: {blocker}")
+    if blocker is None:
+        return _quantize_layerwise(model_path, out, recipe, data=data, overwrite=overwrite, progress=progress,
+                                   trust_remote_code=trust_remote_code)
     model, tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
     if getattr(model, "_lowbit_quantized", False):
         raise LowbitError(f"{model_path} is already quantized by lowbit; quantize the original model")
@@ -122,6 +159,54 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     save_result(model, result, recipe, extras, out, tokenizer=tokenizer, source=str(model_path), overwrite=overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     return extras["summary"]
+
+
+def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, overwrite, progress,
+                        trust_remote_code) -> dict:
+    """`quantize_job` with one decoder block in memory at a time (`lowbit.io.lazy`, `io.streamed`)."""
+    from lowbit.formats.quantized_weight import bit_counts
+    from lowbit.io.lazy import TensorSource, skeleton
+    from lowbit.io.native import _has_tokenizer, load_tokenizer
+    from lowbit.io.streamed import save_quantized_blocks
+    from lowbit.pipeline.calibrate import finished_block, quantize_model
+
+    t0 = time.perf_counter()
+    path = Path(model_path).expanduser()
+    source = TensorSource(path)
+    model = skeleton(path, source, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(str(path), trust_remote_code) if _has_tokenizer(path) else None
+    calib = None
+    if needs_data(recipe):
+        if tokenizer is None:
+            raise LowbitError(f"{path} has no tokenizer files; calibration text cannot be tokenized")
+        calib = calibration_data(recipe, tokenizer, model, data)
+    ckpt = checkpoint_dir_for(out)
+    result = quantize_model(
+        model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
+        overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
+        checkpoint_dir=ckpt, progress=progress, source=source)
+    blocks_path = model._lowbit_blocks
+    n_blocks = len(model.get_submodule(blocks_path))
+    counts = {"stored_bits": 0, "stored_params": 0}
+    for i in range(n_blocks):
+        c = bit_counts(finished_block(ckpt, i))
+        counts["stored_bits"] += c["stored_bits"]
+        counts["stored_params"] += c["stored_params"]
+    bpw = counts["stored_bits"] / counts["stored_params"] if counts["stored_params"] else 0.0
+    summary = {
+        "method": recipe.quant.method, "bits_per_weight": bpw, "bits_per_stored_weight": bpw,
+        "quantize_seconds": time.perf_counter() - t0 + result.resumed_seconds,
+        "resumed_blocks": result.resumed_blocks, "peak_memory_mb": result.peak_memory_mb,
+        "n_layers": len(result.records), "calibration_windows": None if calib is None else list(calib.shape),
+        "load": "layers", "dtype": str(source.dtype()).removeprefix("torch."),
+    }
+    save_quantized_blocks(model, blocks_path, lambda i: finished_block(ckpt, i), source, out, tokenizer=tokenizer,
+                          recipe=recipe.model_dump(mode="json"),
+                          extra={"source_model": str(model_path), "summary": summary,
+                                 "layers": [r.as_dict() for r in result.records]},
+                          overwrite=overwrite)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return summary
 
 
 def _budget_plan(model, recipe: Recipe, calib, progress: bool) -> tuple[Recipe, dict[str, str]]:

@@ -37,14 +37,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 # ---------------------------------------------------------------------------------------------- save
 
-def plain_state(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """The state_dict minus quantized weights, each tied tensor once, no two tensors sharing memory."""
+def plain_state(model: nn.Module, quantized: set[str], skip: str | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict minus quantized weights, each tied tensor once, no two tensors sharing memory.
+    `skip`: leave out everything under this module prefix (the decoder blocks of a streamed save)."""
     owner = {n: id(t) for n, t in (*model.named_parameters(remove_duplicate=False),
                                    *model.named_buffers(remove_duplicate=False))}
     out, seen_obj, seen_storage = {}, set(), set()
     for name, t in model.state_dict().items():
         module, _, leaf = name.rpartition(".")
-        if leaf == "weight" and module in quantized:
+        if (leaf == "weight" and module in quantized) or (skip and name.startswith(skip + ".")):
             continue
         if name in owner:  # tied parameters are one object under several names: keep the first
             if owner[name] in seen_obj:
@@ -60,16 +61,19 @@ def plain_state(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor
 
 
 def _quant_config(qweights: dict[str, QuantizedWeight], recipe: dict | None,
-                  original_shapes: dict | None = None) -> dict:
+                  original_shapes: dict | None = None, *, layers: dict | None = None,
+                  counts: dict | None = None) -> dict:
+    """The `quantization_config` of config.json; a streamed save passes the `layers` metadata and the bit
+    `counts` it gathered block by block instead of `qweights`."""
     recipe = recipe or {}
     method_cfg = recipe.get("quant", recipe)  # a full Recipe dump, or a bare method config
-    counts = bit_counts(qweights, original_shapes)
+    counts = counts or bit_counts(qweights, original_shapes)
     out = {
         "quant_method": "lowbit",
         "format_version": FORMAT_VERSION,
         "method": method_cfg.get("method"),
         "config": method_cfg,
-        "layers": {name: q.to_state()[1] for name, q in qweights.items()},
+        "layers": layers if layers is not None else {name: q.to_state()[1] for name, q in qweights.items()},
         # Every stored bit (codes, scales, zeros, outliers, low-rank) over every quantized weight of the
         # original model: a channel removed by structured pruning stores nothing.
         "bits_per_weight": counts["bits_per_weight"],

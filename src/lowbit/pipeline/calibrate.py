@@ -42,6 +42,7 @@ from lowbit.pipeline.block_runner import BlockRunner
 from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
 from lowbit.models.dataflow import sequential_groups
 from lowbit.models.experts import expert_layers, unfuse_experts
+from lowbit.io.lazy import TensorSource, load_block, release_block
 from lowbit.models.swap import make_quant_linear, swap_in
 from lowbit.nn.quant_linear import QuantLinear, replace_module
 
@@ -161,6 +162,11 @@ def _capture(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batc
 
     hidden, ctxs = [], []
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    # The blocks run in float32: so must what the model computes from the embeddings' dtype before them
+    # (rotary cos/sin, Gemma's embedding scale, the mask). A bf16 model loaded layer by layer otherwise
+    # rounds those to bf16, and its codes would differ from the same model loaded whole in float32.
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_handle = emb.register_forward_hook(lambda m, a, y: y.float()) if isinstance(emb, nn.Module) else None
     try:
         for i in range(0, calib.shape[0], batch_size):
             seen.clear()
@@ -179,6 +185,8 @@ def _capture(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batc
             ctxs.append(ctx)
     finally:
         handle.remove()
+        if emb_handle is not None:
+            emb_handle.remove()
     return hidden, ctxs
 
 
@@ -245,8 +253,15 @@ def quantize_model(
     on_layer: Callable[[LayerRecord], None] | None = None,
     measure_error: bool | None = None,
     cache_budget: int | None = None,
+    source: "TensorSource | None" = None,
 ) -> QuantizeResult:
     """Quantize `model` in place (its linears become QuantLinears) and return every QuantizedWeight.
+
+    source: layer-by-layer mode (`lowbit.io.lazy`). `model` is a skeleton whose decoder blocks are on the
+    meta device; each block is read from `source` when its turn comes, quantized, written to the block
+    checkpoint (required: `checkpoint_dir`) and dropped again, so one block's weights are in memory at a
+    time. The result then holds the records but no QuantizedWeights: they are in the checkpoint
+    (`block_qweights` reads them back) and the model's blocks are on the meta device again.
 
     calib: token windows [n, seqlen] (LongTensor) for HF models; for a generic nn.Module, any batch-first
     input tensor its forward accepts. measure_error: None = report the relative output error whenever
@@ -282,9 +297,15 @@ def quantize_model(
     if batch_size < 1:
         raise LowbitError(f"batch_size must be positive, got {batch_size}")
 
+    if source is not None:
+        if checkpoint_dir is None:
+            raise LowbitError("layer-by-layer quantization writes each block to a checkpoint directory; give one")
+        if any(getattr(c, "act", None) is not None for c in configs.values()):
+            raise LowbitError("activation quantization (W4A8) is not supported when loading layer by layer; "
+                              "load the whole model (--load whole)")
     ckpt = None
     if checkpoint_dir is not None:
-        fp = _fingerprint(model, plan, configs, calib if use_data else None, batch_size, measure)
+        fp = _fingerprint(model, plan, configs, calib if use_data else None, batch_size, measure, source)
         ckpt = _Checkpoint(Path(checkpoint_dir), fp, len(blocks))
 
     training = model.training
@@ -296,7 +317,7 @@ def quantize_model(
         with torch.no_grad(), _Bars(progress, len(blocks)) as bars:
             start = 0
             if ckpt is not None:
-                start = ckpt.load_finished(qweights, records)
+                start = ckpt.load_finished(qweights, records, tensors=source is None)
                 swap_in(model, qweights)
                 for _ in range(start):
                     bars.block_done()
@@ -309,17 +330,24 @@ def quantize_model(
                 name, block = blocks[i]
                 bars.block(name, sum(map(len, groups[i])))
                 last = i == len(blocks) - 1
+                if source is not None:
+                    template = load_block(block, name, source)
                 done = _quantize_block(model, block, i, groups[i], configs, hidden, ctxs, use_data, measure,
                                        bars, on_layer, records, prefix=name, advance=use_data and not last,
                                        cache_budget=cache_budget, experts=experts,
                                        traced=traced if adapter.blocks_path is not None else None)
-                qweights.update(done)
                 if ckpt is not None:
                     ckpt.save_block(i, done, records, None if (last or not use_data) else hidden)
+                if source is None:
+                    qweights.update(done)
+                else:  # written: the block (float or quantized) leaves memory
+                    release_block(model, adapter.blocks_path, i, template)
+                    blocks[i] = (name, template)
+                    del done, block
                 bars.block_done()
             # Activation quantization (W4A8) is switched on only now: statistics are taken on unquantized
             # activations, as the LQER authors profile the unquantized model (notes §1.3 stage P).
-            for name, cfg in configs.items():
+            for name, cfg in configs.items() if source is None else ():
                 if getattr(cfg, "act", None) is not None:
                     model.get_submodule(name).act = cfg.act
     finally:
@@ -417,20 +445,26 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 # ---- resume
 
 
-def _fingerprint(model, plan: LayerPlan, configs, calib, batch_size: int, measure: bool) -> dict[str, str]:
-    """What a checkpoint depends on, hashed per part so a refusal can say which part changed."""
+def _fingerprint(model, plan: LayerPlan, configs, calib, batch_size: int, measure: bool,
+                 source=None) -> dict[str, str]:
+    """What a checkpoint depends on, hashed per part so a refusal can say which part changed. In
+    layer-by-layer mode the weights hashed are the checkpoint's first and last tensors (the blocks are
+    not in memory)."""
     settings = {"config": plan.base.model_dump(), "include": plan.include, "ignore": plan.ignore,
                 "overrides": [[p, d] for p, d in plan.overrides], "batch_size": batch_size, "measure": measure,
                 "lowbit": lowbit.__version__}
     cfg = getattr(model, "config", None)
     model_desc = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else str(model)
     first, last = next(iter(configs)), list(configs)[-1]
+    if source is not None:
+        keys = sorted(source.where)
+        weights = [source.get(keys[0]), source.get(keys[-1])]
+    else:
+        weights = [layer_weight(model.get_submodule(first)), layer_weight(model.get_submodule(last))]
     return {
         "settings": sha(json.dumps(settings, sort_keys=True, default=str).encode()),
         "calibration": sha(b"none" if calib is None else tensor_bytes(calib)),
-        "model": sha(type(model).__name__.encode(), model_desc.encode(),
-                      tensor_bytes(layer_weight(model.get_submodule(first))),
-                      tensor_bytes(layer_weight(model.get_submodule(last)))),
+        "model": sha(type(model).__name__.encode(), model_desc.encode(), *map(tensor_bytes, weights)),
     }
 
 
@@ -438,6 +472,22 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def finished_block(checkpoint_dir: str | Path, i: int, meta: dict | None = None) -> dict[str, QuantizedWeight]:
+    """The QuantizedWeights of finished block i in a checkpoint directory (layer-by-layer saves read them)."""
+    root = Path(checkpoint_dir)
+    try:
+        if meta is None:
+            meta = json.loads((root / f"block-{i:05d}.json").read_text())
+        tensors = load_file(root / f"block-{i:05d}.safetensors")
+        out = {}
+        for name, m in meta["layers"].items():
+            t = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + "/")}
+            out[name] = QuantizedWeight.from_state(t, m)
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError) as e:
+        raise LowbitError(f"damaged checkpoint in {root} ({e}); delete it to start over") from None
+    return out
 
 
 class _Checkpoint:
@@ -464,7 +514,8 @@ class _Checkpoint:
         except (OSError, json.JSONDecodeError) as e:
             raise LowbitError(f"unreadable checkpoint {p}: {e}; delete {self.root} to start over") from None
 
-    def load_finished(self, qweights: dict, records: list) -> int:
+    def load_finished(self, qweights: dict, records: list, tensors: bool = True) -> int:
+        """Records (and with `tensors`, QuantizedWeights into `qweights`) of the finished blocks; their count."""
         prog = self._progress()
         if prog is None:
             return 0
@@ -477,16 +528,17 @@ class _Checkpoint:
             done = int(prog["done"])
             for i in range(done):
                 meta = json.loads((self.root / f"block-{i:05d}.json").read_text())
-                tensors = load_file(self.root / f"block-{i:05d}.safetensors")
-                for name, m in meta["layers"].items():
-                    t = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + "/")}
-                    qweights[name] = QuantizedWeight.from_state(t, m)
+                if tensors:
+                    qweights.update(self.block_qweights(i, meta))
                 records.extend(LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"])
         except (OSError, KeyError, TypeError, ValueError, SafetensorError) as e:
             raise LowbitError(f"damaged checkpoint in {self.root} ({e}); delete it to start over") from None
         self.resumed = done
         self.resumed_seconds = float(prog.get("seconds", 0.0))
         return done
+
+    def block_qweights(self, i: int, meta: dict | None = None) -> dict[str, QuantizedWeight]:
+        return finished_block(self.root, i, meta)
 
     def load_inputs(self, block: int, n_batches: int) -> list[torch.Tensor]:
         p = self.root / f"inputs-{block:05d}.safetensors"
