@@ -83,6 +83,7 @@ def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: b
         "resumed_blocks": result.resumed_blocks,
         "peak_memory_mb": result.peak_memory_mb,
         "n_layers": len(result.qweights),
+        "block_seconds": [round(t, 3) for t in result.block_seconds],
         "calibration_windows": None if calib is None else list(calib.shape),
     }
     return result, recipe, {"summary": summary, "prune": pruned, "finetune": tuned, "plan_files": plan_files}
@@ -199,6 +200,7 @@ def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, ove
         "resumed_blocks": result.resumed_blocks, "peak_memory_mb": result.peak_memory_mb,
         "n_layers": len(result.records), "calibration_windows": None if calib is None else list(calib.shape),
         "load": "layers", "dtype": str(source.dtype()).removeprefix("torch."),
+        "block_seconds": [round(t, 3) for t in result.block_seconds],
     }
     save_quantized_blocks(model, blocks_path, lambda i: finished_block(ckpt, i), source, out, tokenizer=tokenizer,
                           recipe=recipe.model_dump(mode="json"),

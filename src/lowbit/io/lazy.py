@@ -46,7 +46,8 @@ class TensorSource:
             else:
                 raise LowbitError(f"{self.path} has no safetensors weights (model.safetensors or an index of "
                                   "shards); layer-by-layer loading reads safetensors only")
-            self._files = {f: safe_open(str(self.path / f), framework="pt") for f in files}
+            self._names = files
+            self._files = {f: self._open(f) for f in files}
         except (OSError, ValueError, KeyError) as e:
             raise LowbitError(f"cannot read the safetensors of {self.path}: {e}") from None
         self.where = weight_map or {k: files[0] for k in self._files[files[0]].keys()}
@@ -78,6 +79,17 @@ class TensorSource:
             elif len(dst) == 1 and dst[0].endswith("experts.down_proj") and len(src) == 1:
                 self.expert_leaf["down_proj"] = src[0].split("*.")[-1]
 
+    def _open(self, f: str):
+        from safetensors import safe_open
+
+        return safe_open(str(self.path / f), framework="pt")
+
+    def close(self) -> None:
+        """Unmap the files. The pages of a memory-mapped file that were read count in the process's
+        resident memory while the map is open: a 3B checkpoint read block after block would otherwise show
+        up whole in the peak. The next `get` maps the file again."""
+        self._files = {}
+
     def __contains__(self, name: str) -> bool:
         return name in self.key
 
@@ -86,8 +98,11 @@ class TensorSource:
             raise LowbitError(f"{self.path}: the checkpoint has no tensor {name} (its names must be the model's "
                               "own or transformers' conversions of them; load the whole model with --load whole)")
         name = self.key[name]
+        f = self.where[name]
         try:
-            return self._files[self.where[name]].get_tensor(name)
+            if f not in self._files:
+                self._files[f] = self._open(f)
+            return self._files[f].get_tensor(name)
         except Exception as e:  # safetensors raises its own error types on a damaged file
             raise LowbitError(f"{self.path / self.where[name]}: cannot read tensor {name}: {e}") from None
 
@@ -95,6 +110,8 @@ class TensorSource:
         """The dtype of the largest floating-point tensor (the model's storage dtype)."""
         best, size = torch.float32, -1
         for name, f in self.where.items():
+            if f not in self._files:
+                self._files[f] = self._open(f)
             sl = self._files[f].get_slice(name)
             n = 1
             for d in sl.get_shape():
@@ -156,6 +173,7 @@ def skeleton(path: str | Path, source: TensorSource, *, trust_remote_code: bool 
             continue  # the output embedding is the input embedding: tied below
         _set(model, name, source.get(name))
     model.tie_weights()
+    source.close()
     left = [n for n in _state_names(model) if not n.startswith(blocks + ".")]
     if left:
         raise LowbitError(f"{path}: no value for {left[0]} outside the decoder blocks")
@@ -191,6 +209,7 @@ def load_block(block: nn.Module, prefix: str, source: TensorSource) -> nn.Module
         if value is None:
             raise LowbitError(f"{prefix}.{name}: not a part of the fused experts tensors")
         _set(block, name, value.clone())
+    source.close()
     return template
 
 

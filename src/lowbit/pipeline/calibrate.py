@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +77,7 @@ class QuantizeResult:
     peak_memory_mb: float
     resumed_blocks: int = 0
     resumed_seconds: float = 0.0  # time the interrupted run(s) spent on the resumed blocks; not in `seconds`
+    block_seconds: list[float] = field(default_factory=list)  # wall time of each block quantized in this run
 
     @property
     def bits_per_weight(self) -> float:
@@ -313,6 +314,7 @@ def quantize_model(
     qweights: dict[str, QuantizedWeight] = {}
     records: list[LayerRecord] = []
     traced: dict = {}  # block structure → its true-sequential groups (block-relative), traced once
+    block_seconds: list[float] = []
     try:
         with torch.no_grad(), _Bars(progress, len(blocks)) as bars:
             start = 0
@@ -330,6 +332,7 @@ def quantize_model(
                 name, block = blocks[i]
                 bars.block(name, sum(map(len, groups[i])))
                 last = i == len(blocks) - 1
+                t_block = time.perf_counter()
                 if source is not None:
                     template = load_block(block, name, source)
                 done = _quantize_block(model, block, i, groups[i], configs, hidden, ctxs, use_data, measure,
@@ -344,6 +347,7 @@ def quantize_model(
                     release_block(model, adapter.blocks_path, i, template)
                     blocks[i] = (name, template)
                     del done, block
+                block_seconds.append(time.perf_counter() - t_block)
                 bars.block_done()
             # Activation quantization (W4A8) is switched on only now: statistics are taken on unquantized
             # activations, as the LQER authors profile the unquantized model (notes §1.3 stage P).
@@ -354,7 +358,7 @@ def quantize_model(
         model.train(training)
     return QuantizeResult(qweights, records, time.perf_counter() - t_start, peak_memory_mb(),
                           resumed_blocks=ckpt.resumed if ckpt else 0,
-                          resumed_seconds=ckpt.resumed_seconds if ckpt else 0.0)
+                          resumed_seconds=ckpt.resumed_seconds if ckpt else 0.0, block_seconds=block_seconds)
 
 
 def _check_calib(model: nn.Module, adapter: Adapter, calib: torch.Tensor) -> None:
