@@ -118,6 +118,8 @@ def quantize(
         r = make_recipe({**r.model_dump(), "budget": {**b, "bits_per_weight": budget_bits}}, source="settings")
     summary = quantize_job(model, out, r, data=data, overwrite=overwrite, progress=not quiet,
                            trust_remote_code=trust_remote_code, load=load)
+    if summary.get("rank"):  # another process of a torchrun job: rank 0 reports
+        return
     console.print(f"[green]saved[/green] {out}: {summary['method']} {summary['bits_per_weight']:.3f} bits/weight "
                   f"(all metadata), {summary['quantize_seconds']:.1f} s, peak {summary['peak_memory_mb']:.0f} MB")
 

@@ -47,7 +47,7 @@ def needs_data(recipe: Recipe) -> bool:
 
 
 def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: bool = True,
-               checkpoint_dir: Path | None = None):
+               checkpoint_dir: Path | None = None, parallel=None):
     """Every stage of `recipe` on the in-memory `model`, which is changed in place (its linears become
     QuantLinears; pruned channels are gone). Returns (result, recipe that ran, extras): the pipeline's
     `QuantizeResult` with the final QuantizedWeights, the recipe as run (a budget's plan recipe), and
@@ -66,7 +66,7 @@ def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: b
     result = quantize_model(
         model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
         overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
-        checkpoint_dir=checkpoint_dir, progress=progress,
+        checkpoint_dir=checkpoint_dir, progress=progress, parallel=parallel,
     )
     tuned = None
     if recipe.finetune is not None:
@@ -148,22 +148,34 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     blocker = layerwise_blocker(model_path, recipe) if load != "whole" else "--load whole"
     if load == "layers" and blocker:
         raise LowbitError(f"cannot load {model_path} layer by layer: {blocker}")
+    from lowbit.pipeline.parallel import current
+
+    parallel = current()  # under torchrun: this process's share of the calibration
+    if parallel is not None:
+        progress = progress and parallel.main
+        stages = [s for s, on in (("prune", recipe.prune), ("budget", recipe.budget), ("finetune", recipe.finetune)) if on]
+        if stages:
+            raise LowbitError(f"data-parallel quantization runs the quant stage only; the recipe has a {stages[0]} "
+                              "stage (run it in one process)")
     if blocker is None:
         return _quantize_layerwise(model_path, out, recipe, data=data, overwrite=overwrite, progress=progress,
-                                   trust_remote_code=trust_remote_code)
+                                   trust_remote_code=trust_remote_code, parallel=parallel)
     model, tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
     if getattr(model, "_lowbit_quantized", False):
         raise LowbitError(f"{model_path} is already quantized by lowbit; quantize the original model")
     calib = calibration_data(recipe, tokenizer, model, data) if needs_data(recipe) else None
     ckpt = checkpoint_dir_for(out)
-    result, recipe, extras = run_recipe(model, recipe, calib, progress=progress, checkpoint_dir=ckpt)
+    result, recipe, extras = run_recipe(model, recipe, calib, progress=progress, checkpoint_dir=ckpt,
+                                        parallel=parallel)
+    if parallel is not None and not parallel.main:  # rank 0 writes the output
+        return {"method": recipe.quant.method, "rank": parallel.world.rank}
     save_result(model, result, recipe, extras, out, tokenizer=tokenizer, source=str(model_path), overwrite=overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     return extras["summary"]
 
 
 def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, overwrite, progress,
-                        trust_remote_code) -> dict:
+                        trust_remote_code, parallel=None) -> dict:
     """`quantize_job` with one decoder block in memory at a time (`lowbit.io.lazy`, `io.streamed`)."""
     from lowbit.formats.quantized_weight import bit_counts
     from lowbit.io.lazy import TensorSource, skeleton
@@ -185,7 +197,9 @@ def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, ove
     result = quantize_model(
         model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
         overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
-        checkpoint_dir=ckpt, progress=progress, source=source)
+        checkpoint_dir=ckpt, progress=progress, source=source, parallel=parallel)
+    if parallel is not None and not parallel.main:  # rank 0 writes the output
+        return {"method": recipe.quant.method, "rank": parallel.world.rank}
     blocks_path = model._lowbit_blocks
     n_blocks = len(model.get_submodule(blocks_path))
     counts = {"stored_bits": 0, "stored_params": 0}

@@ -203,10 +203,13 @@ class BlockRunner:
 
     # -- the two uses
 
-    def collect(self, group: list[str], hessian: bool = True, activations: bool = True) -> dict[str, StatsAccumulator]:
+    def collect(self, group: list[str], hessian: bool = True, activations: bool = True,
+                buffers: dict[str, list[torch.Tensor]] | None = None) -> dict[str, StatsAccumulator]:
         """Statistics of every layer of `group` over every batch. Layers fed the same input tensor share
         one accumulator object; once batch 0 shows that the whole group is fed one tensor, each later
-        pass stops at the first of them. `activations`: also mean|x| statistics (AWQ, LQER)."""
+        pass stops at the first of them. `activations`: also mean|x| statistics (AWQ, LQER).
+        `buffers` (data-parallel calibration): each layer's inputs are kept there, batch by batch, instead
+        of being added (twins share one copy), and no accumulator is returned."""
         from lowbit.models.adapters import layer_weight
 
         accs: dict[str, StatsAccumulator] = {}
@@ -217,7 +220,11 @@ class BlockRunner:
             def hook(module, args, kwargs, name):
                 x = args[0] if args else next(iter(kwargs.values()))  # identity matters: no .detach() copy
                 twin = next((n for n, t in seen.items() if t is x), None)
-                if twin is not None:
+                if buffers is not None:  # (a pass that stops at the first layer of a shared group feeds all)
+                    kept = buffers[twin][-1] if twin is not None else x.detach().clone()
+                    for n in (group if shared else [name]):
+                        buffers.setdefault(n, []).append(kept)
+                elif twin is not None:
                     accs.setdefault(name, accs[twin])
                 else:
                     accs.setdefault(name, StatsAccumulator(x.shape[-1], hessian=hessian,
@@ -231,6 +238,8 @@ class BlockRunner:
             self.run(b, [(self.model.get_submodule(n), lambda m, a, k, _n=n: hook(m, a, k, _n)) for n in group])
             if b == 0:
                 shared = len(seen) == len(group) and all(t is next(iter(seen.values())) for t in seen.values())
+        if buffers is not None:
+            return {}
         for n in group:  # a layer the forward never reached: no samples (the caller decides)
             accs.setdefault(n, StatsAccumulator(layer_weight(self.model.get_submodule(n)).shape[1], hessian=hessian,
                                                 activations=activations))

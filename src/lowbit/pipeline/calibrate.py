@@ -43,6 +43,7 @@ from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
 from lowbit.models.dataflow import sequential_groups
 from lowbit.models.experts import expert_layers, unfuse_experts
 from lowbit.io.lazy import TensorSource, load_block, release_block
+from lowbit.pipeline.parallel import Parallel
 from lowbit.models.swap import make_quant_linear, swap_in
 from lowbit.nn.quant_linear import QuantLinear, replace_module
 
@@ -255,6 +256,7 @@ def quantize_model(
     measure_error: bool | None = None,
     cache_budget: int | None = None,
     source: "TensorSource | None" = None,
+    parallel: "Parallel | None" = None,
 ) -> QuantizeResult:
     """Quantize `model` in place (its linears become QuantLinears) and return every QuantizedWeight.
 
@@ -262,7 +264,10 @@ def quantize_model(
     meta device; each block is read from `source` when its turn comes, quantized, written to the block
     checkpoint (required: `checkpoint_dir`) and dropped again, so one block's weights are in memory at a
     time. The result then holds the records but no QuantizedWeights: they are in the checkpoint
-    (`block_qweights` reads them back) and the model's blocks are on the meta device again.
+    (`finished_block` reads them back) and the model's blocks are on the meta device again.
+    parallel: data-parallel calibration (`lowbit.pipeline.parallel`): this process runs its range of the
+    calibration batches, statistics are chained across the processes, rank 0 solves and broadcasts; every
+    process ends with the same QuantizedWeights as a single process would make.
 
     calib: token windows [n, seqlen] (LongTensor) for HF models; for a generic nn.Module, any batch-first
     input tensor its forward accepts. measure_error: None = report the relative output error whenever
@@ -304,10 +309,18 @@ def quantize_model(
         if any(getattr(c, "act", None) is not None for c in configs.values()):
             raise LowbitError("activation quantization (W4A8) is not supported when loading layer by layer; "
                               "load the whole model (--load whole)")
+    local = calib
+    if parallel is not None and use_data:
+        lo, hi = parallel.shard(calib.shape[0], batch_size)
+        if hi <= lo:
+            raise LowbitError(f"{calib.shape[0]} calibration windows in batches of {batch_size} are fewer batches "
+                              f"than the {parallel.world.size} processes")
+        local = calib[lo:hi]
     ckpt = None
     if checkpoint_dir is not None:
-        fp = _fingerprint(model, plan, configs, calib if use_data else None, batch_size, measure, source)
-        ckpt = _Checkpoint(Path(checkpoint_dir), fp, len(blocks))
+        fp = _fingerprint(model, plan, configs, calib if use_data else None, batch_size, measure, source,
+                          parallel.world.size if parallel else 1)
+        ckpt = _Checkpoint(Path(checkpoint_dir), fp, len(blocks), parallel)
 
     training = model.training
     model.eval()
@@ -325,7 +338,7 @@ def quantize_model(
                     bars.block_done()
             hidden = ctxs = None
             if use_data and start < len(blocks):
-                hidden, ctxs = _block_inputs(model, adapter, blocks[0][1], calib, batch_size)
+                hidden, ctxs = _block_inputs(model, adapter, blocks[0][1], local, batch_size)
                 if start > 0:
                     hidden = ckpt.load_inputs(start, len(hidden))
             for i in range(start, len(blocks)):
@@ -338,7 +351,8 @@ def quantize_model(
                 done = _quantize_block(model, block, i, groups[i], configs, hidden, ctxs, use_data, measure,
                                        bars, on_layer, records, prefix=name, advance=use_data and not last,
                                        cache_budget=cache_budget, experts=experts,
-                                       traced=traced if adapter.blocks_path is not None else None)
+                                       traced=traced if adapter.blocks_path is not None else None,
+                                       parallel=parallel)
                 if ckpt is not None:
                     ckpt.save_block(i, done, records, None if (last or not use_data) else hidden)
                 if source is None:
@@ -383,7 +397,7 @@ def _block_inputs(model, adapter, first_block, calib, batch_size):
 
 def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, measure, bars, on_layer,
                     records, prefix: str = "", advance: bool = False, cache_budget: int | None = None,
-                    experts: frozenset = frozenset(), traced: dict | None = None):
+                    experts: frozenset = frozenset(), traced: dict | None = None, parallel=None):
     """True-sequential quantization of one block, in float32 (cast back to its dtype afterwards).
 
     With `traced` (a decoder block) and data, the block's layers are split into true-sequential groups
@@ -406,10 +420,23 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
         for group in groups:
             data = any(needs_calibration(configs[n]) for n in group) or measure
             acts = any(needs_activation_stats(configs[n]) for n in group)
-            accs = runner.collect(group, activations=acts) if use_data and data else {}
+            if parallel is not None and use_data and data:  # this rank's inputs, chained to rank 0
+                kept: dict[str, list[torch.Tensor]] = {}
+                runner.collect(group, activations=acts, buffers=kept)
+                dims = {n: layer_weight(model.get_submodule(n)).shape[1] for n in group}
+                accs = parallel.chain(group, kept, dims, hessian=True, activations=acts)
+                del kept
+            else:
+                accs = runner.collect(group, activations=acts) if use_data and data else {}
             for name in group:
-                qw, rec = _quantize_layer(model, name, idx, configs[name], dtypes[name], accs.pop(name, None),
-                                          measure, name in experts)
+                if parallel is None or parallel.main:
+                    qw, rec = _quantize_layer(model, name, idx, configs[name], dtypes[name], accs.pop(name, None),
+                                              measure, name in experts)
+                if parallel is not None:  # rank 0's solution on every rank
+                    qw, d = parallel.broadcast(qw if parallel.main else None, rec.as_dict() if parallel.main else None)
+                    if not parallel.main:
+                        replace_module(model, name, make_quant_linear(model.get_submodule(name), qw, name))
+                        rec = LayerRecord(**{**d, "shape": tuple(d["shape"])})
                 out[name] = qw
                 records.append(rec)
                 bars.layer(name)
@@ -450,13 +477,13 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 def _fingerprint(model, plan: LayerPlan, configs, calib, batch_size: int, measure: bool,
-                 source=None) -> dict[str, str]:
+                 source=None, processes: int = 1) -> dict[str, str]:
     """What a checkpoint depends on, hashed per part so a refusal can say which part changed. In
     layer-by-layer mode the weights hashed are the checkpoint's first and last tensors (the blocks are
     not in memory)."""
     settings = {"config": plan.base.model_dump(), "include": plan.include, "ignore": plan.ignore,
                 "overrides": [[p, d] for p, d in plan.overrides], "batch_size": batch_size, "measure": measure,
-                "lowbit": lowbit.__version__}
+                "lowbit": lowbit.__version__, **({"processes": processes} if processes > 1 else {})}
     cfg = getattr(model, "config", None)
     model_desc = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else str(model)
     first, last = next(iter(configs)), list(configs)[-1]
@@ -499,11 +526,17 @@ class _Checkpoint:
 
     block-00003.safetensors / .json  the block's QuantizedWeights (`to_state()`) and layer records
     inputs-00004.safetensors         float32 inputs of block 4, one tensor per calibration batch
+                                     (data-parallel: inputs-00004.rank-R.safetensors, each rank's own)
     progress.json                    {"fingerprint": ..., "n_blocks": N, "done": 4}, written last
+
+    Data-parallel runs: rank 0 writes the block files and progress.json, after every rank has written its
+    inputs; resuming needs the same number of processes and a directory all of them see.
     """
 
-    def __init__(self, root: Path, fingerprint: dict[str, str], n_blocks: int):
+    def __init__(self, root: Path, fingerprint: dict[str, str], n_blocks: int, parallel=None):
         self.root, self.fp, self.n_blocks, self.resumed = root, fingerprint, n_blocks, 0
+        self.parallel = parallel
+        self.main = parallel is None or parallel.main
         # wall time of the earlier runs up to their last saved block, so a resumed run can report the
         # whole cost of its result (progress.json "seconds"; absent in checkpoints of older versions)
         self.resumed_seconds, self._t0 = 0.0, time.perf_counter()
@@ -544,8 +577,12 @@ class _Checkpoint:
     def block_qweights(self, i: int, meta: dict | None = None) -> dict[str, QuantizedWeight]:
         return finished_block(self.root, i, meta)
 
+    def _inputs(self, block: int) -> Path:
+        rank = "" if self.parallel is None else f".rank-{self.parallel.world.rank}"
+        return self.root / f"inputs-{block:05d}{rank}.safetensors"
+
     def load_inputs(self, block: int, n_batches: int) -> list[torch.Tensor]:
-        p = self.root / f"inputs-{block:05d}.safetensors"
+        p = self._inputs(block)
         if not p.exists():
             raise LowbitError(f"checkpoint in {self.root} lacks the inputs of block {block}; delete it to start over")
         t = load_file(p)
@@ -560,13 +597,17 @@ class _Checkpoint:
             t, metas[name] = qw.to_state()
             tensors.update({f"{name}/{k}": v for k, v in t.items()})
         recs = [r.as_dict() for r in records if r.block == i]
-        _atomic(self.root / f"block-{i:05d}.safetensors", lambda p: save_file(tensors, str(p)))
-        _atomic(self.root / f"block-{i:05d}.json",
-                lambda p: p.write_text(json.dumps({"layers": metas, "records": recs})))
+        if self.main:
+            _atomic(self.root / f"block-{i:05d}.safetensors", lambda p: save_file(tensors, str(p)))
+            _atomic(self.root / f"block-{i:05d}.json",
+                    lambda p: p.write_text(json.dumps({"layers": metas, "records": recs})))
         if next_inputs is not None:
             inputs = {f"batch.{j}": h.contiguous() for j, h in enumerate(next_inputs)}
-            _atomic(self.root / f"inputs-{i + 1:05d}.safetensors", lambda p: save_file(inputs, str(p)))
-        prog = {"format": "lowbit-partial/1", "fingerprint": self.fp, "n_blocks": self.n_blocks, "done": i + 1,
-                "seconds": self.resumed_seconds + time.perf_counter() - self._t0}
-        _atomic(self.root / "progress.json", lambda p: p.write_text(json.dumps(prog, indent=1)))
-        (self.root / f"inputs-{i:05d}.safetensors").unlink(missing_ok=True)
+            _atomic(self._inputs(i + 1), lambda p: save_file(inputs, str(p)))
+        if self.parallel is not None:
+            self.parallel.barrier()  # every rank's inputs are on disk before progress says so
+        if self.main:
+            prog = {"format": "lowbit-partial/1", "fingerprint": self.fp, "n_blocks": self.n_blocks, "done": i + 1,
+                    "seconds": self.resumed_seconds + time.perf_counter() - self._t0}
+            _atomic(self.root / "progress.json", lambda p: p.write_text(json.dumps(prog, indent=1)))
+        self._inputs(i).unlink(missing_ok=True)
