@@ -184,22 +184,32 @@ def claims(profile: str) -> list[dict]:
              f"w3 {bpw('claq-w3'):.3f} bits: KL {kl('claq-w3'):.4f}, ppl {ppl('claq-w3'):.2f}; GPTQ interpolated to "
              f"those bits: KL {fmt(g, 4)}", ok, "lower KL than GPTQ interpolated (log KL) to the same bits")
     # matched bits: AP and OR buy their gain with bits, so each is held against plain CLAQ interpolated
-    # (log KL) between its 3- and 4-bit runs to the same bits, not only against CLAQ w3
-    for n, paper, claim, analysis in (
-            ("claq-ap3.1", "CLAQ: adaptive precision (AP)",
+    # (log KL) between its b- and (b+1)-bit runs to the same bits, not only against CLAQ at b bits
+    or_cost = ("one fp16 entry per column tail costs 0.08 bit per weight with its positions counted")
+    for n, b, paper, claim, analysis in (
+            ("claq-ap3.1", 3, "CLAQ: adaptive precision (AP)",
              "giving the 10 % of columns with the most outliers 4 bits (the rest 3) beats spending those "
              "bits uniformly", ""),
-            ("claq-w3-or1", "CLAQ: outlier reservation (OR)",
+            ("claq-ap2.1", 2, "CLAQ: adaptive precision (AP), 2 bits",
+             "giving the 10 % of columns with the most outliers 3 bits (the rest 2) beats spending those "
+             "bits uniformly", ""),
+            ("claq-w3-or1", 3, "CLAQ: outlier reservation (OR)",
              "keeping each column's most extreme entries in fp16 beats spending those bits uniformly",
-             "one fp16 entry per column tail costs 0.08 bit per weight with its positions counted; at 3 bits "
-             "what it buys is what the same bits buy on plain CLAQ. The paper's OR gains are at 2 bits, where "
-             "an outlier costs more error; the 2-bit CLAQ runs did not fit this round's compute")):
-        if have(n, "claq-w3", "claq-w4"):
-            c = interp_kl(r, ["claq-w3", "claq-w4"], bpw(n))
-            ok = kl(n) < kl("claq-w3") and c is not None and kl(n) < c
-            line(paper, claim, f"{n}: KL {kl(n):.4f} ({bpw(n):.3f} bits, ppl {ppl(n):.2f}) vs CLAQ w3 "
-                 f"{kl('claq-w3'):.4f} ({bpw('claq-w3'):.3f}); CLAQ w3–w4 interpolated to {bpw(n):.3f} bits: {fmt(c, 4)}",
-                 ok, "lower KL than CLAQ w3 and than CLAQ interpolated (log KL) to the same bits", analysis)
+             f"{or_cost}; at 3 bits what it buys is what the same bits buy on plain CLAQ (the paper's OR gains "
+             "are at 2 bits: see the 2-bit rows)"),
+            ("claq-w2-or1", 2, "CLAQ: outlier reservation (OR), 2 bits, one entry per tail",
+             "keeping each column's most extreme entries in fp16 beats spending those bits uniformly",
+             f"{or_cost}; one entry per tail is too few at 2 bits: the paper's dynamic fraction (next row) is "
+             "what pays"),
+            ("claq-w2-dynamic-or", 2, "CLAQ: outlier reservation (OR), 2 bits, dynamic fraction",
+             "keeping each column's most extreme entries in fp16 beats spending those bits uniformly", "")):
+        lo, hi = f"claq-w{b}", f"claq-w{b + 1}"
+        if have(n, lo, hi):
+            c = interp_kl(r, [lo, hi], bpw(n))
+            ok = kl(n) < kl(lo) and c is not None and kl(n) < c
+            line(paper, claim, f"{n}: KL {kl(n):.4f} ({bpw(n):.3f} bits, ppl {ppl(n):.2f}) vs CLAQ w{b} "
+                 f"{kl(lo):.4f} ({bpw(lo):.3f}); CLAQ w{b}–w{b + 1} interpolated to {bpw(n):.3f} bits: {fmt(c, 4)}",
+                 ok, f"lower KL than CLAQ w{b} and than CLAQ interpolated (log KL) to the same bits", analysis)
     if have("gptq-w3-g128-or0.005", "gptq-w3-g128", "gptq-w3-g64"):
         n = "gptq-w3-g128-or0.005"
         g = interp_kl(r, gptq3, bpw(n))

@@ -74,6 +74,7 @@ def quantize(
     seed: Optional[int] = typer.Option(None, help="Calibration sampling seed (default 0)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     load: str = typer.Option("auto", help="layers: read one decoder block at a time from the safetensors, in the checkpoint's dtype (peak memory about one block plus the embeddings and calibration activations) | whole: load the whole model in float32 first (prune, budget, finetune stages and --act-bits need it) | auto: layers whenever it applies. Both give the same quantized layers."),
+    offload_activations: Optional[bool] = typer.Option(None, "--offload-activations/--no-offload-activations", help="Keep one block's calibration inputs on disk (in OUT's checkpoint directory), one batch in memory at a time; default: when they would exceed 8 GiB (LOWBIT_ACTIVATION_CAP_GB). Same result."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model repo (off by default)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -117,7 +118,7 @@ def quantize(
         b = r.budget.model_dump() if r.budget is not None else {}
         r = make_recipe({**r.model_dump(), "budget": {**b, "bits_per_weight": budget_bits}}, source="settings")
     summary = quantize_job(model, out, r, data=data, overwrite=overwrite, progress=not quiet,
-                           trust_remote_code=trust_remote_code, load=load)
+                           trust_remote_code=trust_remote_code, load=load, offload_activations=offload_activations)
     if summary.get("rank"):  # another process of a torchrun job: rank 0 reports
         return
     console.print(f"[green]saved[/green] {out}: {summary['method']} {summary['bits_per_weight']:.3f} bits/weight "

@@ -47,7 +47,7 @@ def needs_data(recipe: Recipe) -> bool:
 
 
 def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: bool = True,
-               checkpoint_dir: Path | None = None, parallel=None):
+               checkpoint_dir: Path | None = None, parallel=None, offload_activations: bool | None = None):
     """Every stage of `recipe` on the in-memory `model`, which is changed in place (its linears become
     QuantLinears; pruned channels are gone). Returns (result, recipe that ran, extras): the pipeline's
     `QuantizeResult` with the final QuantizedWeights, the recipe as run (a budget's plan recipe), and
@@ -67,6 +67,7 @@ def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: b
         model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
         overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
         checkpoint_dir=checkpoint_dir, progress=progress, parallel=parallel,
+        offload_activations=offload_activations,
     )
     tuned = None
     if recipe.finetune is not None:
@@ -131,13 +132,14 @@ def layerwise_blocker(model_path: str, recipe: Recipe) -> str | None:
 
 def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str | None = None,
                  overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False,
-                 load: str = "auto") -> dict:
+                 load: str = "auto", offload_activations: bool | None = None) -> dict:
     """Load, calibrate, quantize block by block, save atomically. Returns a summary dict.
 
     load: "layers" reads one decoder block at a time from the safetensors (`lowbit.io.lazy`; the
     checkpoint's dtype kept, one block in memory); "whole" loads the whole model in float32 first (needed
     by prune / budget / fine-tune stages and W4A8); "auto" takes "layers" whenever it applies. Both give
-    the same quantized layers."""
+    the same quantized layers. offload_activations: one block's calibration inputs on disk (None: when
+    they would exceed the pipeline's ACTIVATION_CAP_BYTES)."""
     from lowbit.io.native import load_model
 
     out = Path(out)
@@ -159,14 +161,15 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
                               "stage (run it in one process)")
     if blocker is None:
         return _quantize_layerwise(model_path, out, recipe, data=data, overwrite=overwrite, progress=progress,
-                                   trust_remote_code=trust_remote_code, parallel=parallel)
+                                   trust_remote_code=trust_remote_code, parallel=parallel,
+                                   offload_activations=offload_activations)
     model, tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
     if getattr(model, "_lowbit_quantized", False):
         raise LowbitError(f"{model_path} is already quantized by lowbit; quantize the original model")
     calib = calibration_data(recipe, tokenizer, model, data) if needs_data(recipe) else None
     ckpt = checkpoint_dir_for(out)
     result, recipe, extras = run_recipe(model, recipe, calib, progress=progress, checkpoint_dir=ckpt,
-                                        parallel=parallel)
+                                        parallel=parallel, offload_activations=offload_activations)
     if parallel is not None and not parallel.main:  # rank 0 writes the output
         return {"method": recipe.quant.method, "rank": parallel.world.rank}
     save_result(model, result, recipe, extras, out, tokenizer=tokenizer, source=str(model_path), overwrite=overwrite)
@@ -175,7 +178,7 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
 
 
 def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, overwrite, progress,
-                        trust_remote_code, parallel=None) -> dict:
+                        trust_remote_code, parallel=None, offload_activations=None) -> dict:
     """`quantize_job` with one decoder block in memory at a time (`lowbit.io.lazy`, `io.streamed`)."""
     from lowbit.formats.quantized_weight import bit_counts
     from lowbit.io.lazy import TensorSource, skeleton
@@ -197,7 +200,8 @@ def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, ove
     result = quantize_model(
         model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
         overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
-        checkpoint_dir=ckpt, progress=progress, source=source, parallel=parallel)
+        checkpoint_dir=ckpt, progress=progress, source=source, parallel=parallel,
+        offload_activations=offload_activations)
     if parallel is not None and not parallel.main:  # rank 0 writes the output
         return {"method": recipe.quant.method, "rank": parallel.world.rank}
     blocks_path = model._lowbit_blocks

@@ -43,6 +43,7 @@ from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
 from lowbit.models.dataflow import sequential_groups
 from lowbit.models.experts import expert_layers, unfuse_experts
 from lowbit.io.lazy import TensorSource, load_block, release_block
+from lowbit.pipeline.offload import DiskBatches, batches_bytes
 from lowbit.pipeline.parallel import Parallel
 from lowbit.models.swap import make_quant_linear, swap_in
 from lowbit.nn.quant_linear import QuantLinear, replace_module
@@ -154,15 +155,16 @@ class _Bars(OptionalProgress):
 # ---- capture of the first block's inputs (the "Catcher")
 
 
-def _capture(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int):
-    """Per calibration batch: the first block's hidden states (float32) and its other args/kwargs."""
+def _capture(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int, store=None):
+    """Per calibration batch: the first block's hidden states (float32; into `store`, a `DiskBatches`,
+    when given) and its other args/kwargs."""
     seen: dict[str, Any] = {}
 
     def hook(module, args, kwargs):
         seen["args"], seen["kwargs"] = args, dict(kwargs)
         raise _Caught
 
-    hidden, ctxs = [], []
+    hidden, ctxs = ([] if store is None else store), []
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     # The blocks run in float32: so must what the model computes from the embeddings' dtype before them
     # (rotary cos/sin, Gemma's embedding scale, the mask). A bf16 model loaded layer by layer otherwise
@@ -240,6 +242,9 @@ def _float_dtype(module: nn.Module) -> torch.dtype | None:
 
 # ---- the driver
 
+# one block's calibration inputs above this go to disk unless offloading is set either way
+ACTIVATION_CAP_BYTES = int(float(os.environ.get("LOWBIT_ACTIVATION_CAP_GB", "8")) * 2**30)
+
 
 def quantize_model(
     model: nn.Module,
@@ -255,6 +260,7 @@ def quantize_model(
     on_layer: Callable[[LayerRecord], None] | None = None,
     measure_error: bool | None = None,
     cache_budget: int | None = None,
+    offload_activations: bool | None = None,
     source: "TensorSource | None" = None,
     parallel: "Parallel | None" = None,
 ) -> QuantizeResult:
@@ -274,6 +280,9 @@ def quantize_model(
     statistics are collected anyway (data-driven methods); True = also run the data for RTN.
     cache_budget: bytes of frozen sub-module outputs a block may keep for reuse (`BlockRunner`; default
     max(2 GiB, twice the block's calibration activations); 0 recomputes everything, same result).
+    offload_activations: keep the current block's calibration inputs on disk (`pipeline.offload`; in the
+    checkpoint directory when there is one), one batch in memory at a time; None = when they would exceed
+    ACTIVATION_CAP_BYTES. The results are the same.
     """
     t_start = time.perf_counter()
     if hasattr(model, "get_input_embeddings"):
@@ -328,6 +337,7 @@ def quantize_model(
     records: list[LayerRecord] = []
     traced: dict = {}  # block structure → its true-sequential groups (block-relative), traced once
     block_seconds: list[float] = []
+    store = None
     try:
         with torch.no_grad(), _Bars(progress, len(blocks)) as bars:
             start = 0
@@ -338,9 +348,14 @@ def quantize_model(
                     bars.block_done()
             hidden = ctxs = None
             if use_data and start < len(blocks):
-                hidden, ctxs = _block_inputs(model, adapter, blocks[0][1], local, batch_size)
+                if offload_activations is None:  # automatic: when one block's inputs would pass the cap
+                    width = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+                    offload_activations = local.numel() * width * 4 > ACTIVATION_CAP_BYTES
+                store = (DiskBatches(Path(checkpoint_dir) / "activations" if checkpoint_dir is not None else None)
+                         if offload_activations and adapter.blocks_path is not None else None)
+                hidden, ctxs = _block_inputs(model, adapter, blocks[0][1], local, batch_size, store)
                 if start > 0:
-                    hidden = ckpt.load_inputs(start, len(hidden))
+                    hidden = ckpt.load_inputs(start, len(hidden), hidden if store is not None else None)
             for i in range(start, len(blocks)):
                 name, block = blocks[i]
                 bars.block(name, sum(map(len, groups[i])))
@@ -370,6 +385,8 @@ def quantize_model(
                     model.get_submodule(name).act = cfg.act
     finally:
         model.train(training)
+        if store is not None:
+            store.close()
     return QuantizeResult(qweights, records, time.perf_counter() - t_start, peak_memory_mb(),
                           resumed_blocks=ckpt.resumed if ckpt else 0,
                           resumed_seconds=ckpt.resumed_seconds if ckpt else 0.0, block_seconds=block_seconds)
@@ -388,11 +405,11 @@ def _check_calib(model: nn.Module, adapter: Adapter, calib: torch.Tensor) -> Non
                           f"{int(calib.max())}] — tokenizer and model do not match")
 
 
-def _block_inputs(model, adapter, first_block, calib, batch_size):
+def _block_inputs(model, adapter, first_block, calib, batch_size, store=None):
     if adapter.blocks_path is None:  # the whole model is the block: its inputs are the data itself
         hidden = [_f32(calib[i : i + batch_size]) for i in range(0, calib.shape[0], batch_size)]
         return hidden, [((), {})] * len(hidden)
-    return _capture(model, first_block, calib, batch_size)
+    return _capture(model, first_block, calib, batch_size, store)
 
 
 def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, measure, bars, on_layer,
@@ -411,7 +428,9 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
     if use_data and dtype not in (None, torch.float32):
         block.float()
     out = {}
-    budget = cache_budget if cache_budget is not None else max(2 << 30, 2 * sum(_tensor_bytes(h) for h in hidden or []))
+    if cache_budget is None:  # on disk activations: the reused outputs are held in memory, so none by default
+        cache_budget = 0 if isinstance(hidden, DiskBatches) else max(2 << 30, 2 * batches_bytes(hidden))
+    budget = cache_budget
     runner = (BlockRunner(model, block, prefix, hidden, ctxs, {n for g in groups for n in g}, budget)
               if use_data else None)
     try:
@@ -445,7 +464,8 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
             if runner is not None:
                 runner.done(group)
         if advance and runner is not None:
-            hidden[:] = [_f32(h) for h in runner.outputs()]
+            for b in range(len(hidden)):  # batch b's input is not read again once its output is made
+                hidden[b] = _f32(runner.run(b))
     finally:
         if use_data and dtype not in (None, torch.float32):
             block.to(dtype)
@@ -581,14 +601,22 @@ class _Checkpoint:
         rank = "" if self.parallel is None else f".rank-{self.parallel.world.rank}"
         return self.root / f"inputs-{block:05d}{rank}.safetensors"
 
-    def load_inputs(self, block: int, n_batches: int) -> list[torch.Tensor]:
+    def load_inputs(self, block: int, n_batches: int, into: DiskBatches | None = None):
+        """Block `block`'s saved inputs: a list, or copied batch by batch into `into` (offloaded)."""
+        from safetensors import safe_open
+
         p = self._inputs(block)
         if not p.exists():
             raise LowbitError(f"checkpoint in {self.root} lacks the inputs of block {block}; delete it to start over")
-        t = load_file(p)
-        if len(t) != n_batches:
-            raise LowbitError(f"checkpoint inputs of block {block} have {len(t)} batches, expected {n_batches}")
-        return [t[f"batch.{j}"] for j in range(n_batches)]
+        with safe_open(str(p), framework="pt") as f:
+            if len(list(f.keys())) != n_batches:
+                raise LowbitError(f"checkpoint inputs of block {block} have {len(list(f.keys()))} batches, "
+                                  f"expected {n_batches}")
+            if into is None:
+                return [f.get_tensor(f"batch.{j}") for j in range(n_batches)]
+            for j in range(n_batches):
+                into[j] = f.get_tensor(f"batch.{j}")
+            return into
 
     def save_block(self, i: int, done: dict[str, QuantizedWeight], records: list[LayerRecord],
                    next_inputs: list[torch.Tensor] | None) -> None:
@@ -601,9 +629,11 @@ class _Checkpoint:
             _atomic(self.root / f"block-{i:05d}.safetensors", lambda p: save_file(tensors, str(p)))
             _atomic(self.root / f"block-{i:05d}.json",
                     lambda p: p.write_text(json.dumps({"layers": metas, "records": recs})))
-        if next_inputs is not None:
-            inputs = {f"batch.{j}": h.contiguous() for j, h in enumerate(next_inputs)}
-            _atomic(self._inputs(i + 1), lambda p: save_file(inputs, str(p)))
+        if next_inputs is not None:  # batch by batch: offloaded inputs never all in memory
+            from lowbit.io.streamed import write_safetensors
+
+            parts = lambda: ({f"batch.{j}": next_inputs[j]} for j in range(len(next_inputs)))  # noqa: E731
+            _atomic(self._inputs(i + 1), lambda p: write_safetensors(p, parts))
         if self.parallel is not None:
             self.parallel.barrier()  # every rank's inputs are on disk before progress says so
         if self.main:
