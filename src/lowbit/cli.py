@@ -74,6 +74,7 @@ def quantize(
     seed: Optional[int] = typer.Option(None, help="Calibration sampling seed (default 0)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     load: str = typer.Option("auto", help="layers: read one decoder block at a time from the safetensors, in the checkpoint's dtype (peak memory about one block plus the embeddings and calibration activations) | whole: load the whole model in float32 first (prune, budget, finetune stages and --act-bits need it) | auto: layers whenever it applies. Both give the same quantized layers."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N: where each block, its calibration inputs and the solver run (auto: the first GPU when CUDA is available). The model stays in host memory; quantized layers come back to it."),
     offload_activations: Optional[bool] = typer.Option(None, "--offload-activations/--no-offload-activations", help="Keep one block's calibration inputs on disk (in OUT's checkpoint directory), one batch in memory at a time; default: when they would exceed 8 GiB (LOWBIT_ACTIVATION_CAP_GB). Same result."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model repo (off by default)."),
@@ -118,7 +119,8 @@ def quantize(
         b = r.budget.model_dump() if r.budget is not None else {}
         r = make_recipe({**r.model_dump(), "budget": {**b, "bits_per_weight": budget_bits}}, source="settings")
     summary = quantize_job(model, out, r, data=data, overwrite=overwrite, progress=not quiet,
-                           trust_remote_code=trust_remote_code, load=load, offload_activations=offload_activations)
+                           trust_remote_code=trust_remote_code, load=load, offload_activations=offload_activations,
+                           device=device)
     if summary.get("rank"):  # another process of a torchrun job: rank 0 reports
         return
     console.print(f"[green]saved[/green] {out}: {summary['method']} {summary['bits_per_weight']:.3f} bits/weight "
@@ -141,6 +143,7 @@ def eval_cmd(
     batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass (default 8)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N: run the model (and the base) there (default: where it loads, the CPU)."),
     quiet: bool = typer.Option(False, help="No progress."),
 ):
     """WikiText-2 test perplexity (GPTQ protocol) and, against the base model, KL divergence and top-1
@@ -159,7 +162,7 @@ def eval_cmd(
             src = read_json(info, "lowbit output metadata").get("source_model")
             if src and Path(src).exists():
                 base = src
-    res = eval_job(model, base=base, protocol=proto, data=data, progress=not quiet)
+    res = eval_job(model, base=base, protocol=proto, data=data, progress=not quiet, device=device)
     if as_json:
         print(json.dumps(res, indent=2))
         return

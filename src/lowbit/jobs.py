@@ -47,7 +47,8 @@ def needs_data(recipe: Recipe) -> bool:
 
 
 def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: bool = True,
-               checkpoint_dir: Path | None = None, parallel=None, offload_activations: bool | None = None):
+               checkpoint_dir: Path | None = None, parallel=None, offload_activations: bool | None = None,
+               device=None):
     """Every stage of `recipe` on the in-memory `model`, which is changed in place (its linears become
     QuantLinears; pruned channels are gone). Returns (result, recipe that ran, extras): the pipeline's
     `QuantizeResult` with the final QuantizedWeights, the recipe as run (a budget's plan recipe), and
@@ -67,7 +68,7 @@ def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: b
         model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
         overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
         checkpoint_dir=checkpoint_dir, progress=progress, parallel=parallel,
-        offload_activations=offload_activations,
+        offload_activations=offload_activations, device=device,
     )
     tuned = None
     if recipe.finetune is not None:
@@ -132,14 +133,15 @@ def layerwise_blocker(model_path: str, recipe: Recipe) -> str | None:
 
 def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str | None = None,
                  overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False,
-                 load: str = "auto", offload_activations: bool | None = None) -> dict:
+                 load: str = "auto", offload_activations: bool | None = None, device: str | None = None) -> dict:
     """Load, calibrate, quantize block by block, save atomically. Returns a summary dict.
 
     load: "layers" reads one decoder block at a time from the safetensors (`lowbit.io.lazy`; the
     checkpoint's dtype kept, one block in memory); "whole" loads the whole model in float32 first (needed
     by prune / budget / fine-tune stages and W4A8); "auto" takes "layers" whenever it applies. Both give
     the same quantized layers. offload_activations: one block's calibration inputs on disk (None: when
-    they would exceed the pipeline's ACTIVATION_CAP_BYTES)."""
+    they would exceed the pipeline's ACTIVATION_CAP_BYTES). device: `lowbit.devices.resolve_device`; each
+    block and the solver run there (under torchrun with CUDA: this process's GPU, cuda:LOCAL_RANK)."""
     from lowbit.io.native import load_model
 
     out = Path(out)
@@ -152,7 +154,14 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
         raise LowbitError(f"cannot load {model_path} layer by layer: {blocker}")
     from lowbit.pipeline.parallel import current
 
+    from lowbit.devices import resolve_device
+
+    dev = resolve_device(device)
     parallel = current()  # under torchrun: this process's share of the calibration
+    if parallel is not None and dev.type == "cuda" and dev.index is None:
+        import os
+
+        dev = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     if parallel is not None:
         progress = progress and parallel.main
         stages = [s for s, on in (("prune", recipe.prune), ("budget", recipe.budget), ("finetune", recipe.finetune)) if on]
@@ -162,14 +171,14 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
     if blocker is None:
         return _quantize_layerwise(model_path, out, recipe, data=data, overwrite=overwrite, progress=progress,
                                    trust_remote_code=trust_remote_code, parallel=parallel,
-                                   offload_activations=offload_activations)
+                                   offload_activations=offload_activations, device=dev)
     model, tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
     if getattr(model, "_lowbit_quantized", False):
         raise LowbitError(f"{model_path} is already quantized by lowbit; quantize the original model")
     calib = calibration_data(recipe, tokenizer, model, data) if needs_data(recipe) else None
     ckpt = checkpoint_dir_for(out)
     result, recipe, extras = run_recipe(model, recipe, calib, progress=progress, checkpoint_dir=ckpt,
-                                        parallel=parallel, offload_activations=offload_activations)
+                                        parallel=parallel, offload_activations=offload_activations, device=dev)
     if parallel is not None and not parallel.main:  # rank 0 writes the output
         return {"method": recipe.quant.method, "rank": parallel.world.rank}
     save_result(model, result, recipe, extras, out, tokenizer=tokenizer, source=str(model_path), overwrite=overwrite)
@@ -178,7 +187,7 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
 
 
 def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, overwrite, progress,
-                        trust_remote_code, parallel=None, offload_activations=None) -> dict:
+                        trust_remote_code, parallel=None, offload_activations=None, device=None) -> dict:
     """`quantize_job` with one decoder block in memory at a time (`lowbit.io.lazy`, `io.streamed`)."""
     from lowbit.formats.quantized_weight import bit_counts
     from lowbit.io.lazy import TensorSource, skeleton
@@ -201,7 +210,7 @@ def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, ove
         model, recipe.quant, calib, include=recipe.include or None, ignore=recipe.ignore or None,
         overrides=[(o.pattern, o.config) for o in recipe.overrides] or None,
         checkpoint_dir=ckpt, progress=progress, source=source, parallel=parallel,
-        offload_activations=offload_activations)
+        offload_activations=offload_activations, device=device)
     if parallel is not None and not parallel.main:  # rank 0 writes the output
         return {"method": recipe.quant.method, "rank": parallel.world.rank}
     blocks_path = model._lowbit_blocks
@@ -217,8 +226,9 @@ def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, ove
         "quantize_seconds": time.perf_counter() - t0 + result.resumed_seconds,
         "resumed_blocks": result.resumed_blocks, "peak_memory_mb": result.peak_memory_mb,
         "n_layers": len(result.records), "calibration_windows": None if calib is None else list(calib.shape),
-        "load": "layers", "dtype": str(source.dtype()).removeprefix("torch."),
+        "load": "layers", "dtype": str(source.dtype()).removeprefix("torch."), "device": str(device or "cpu"),
         "block_seconds": [round(t, 3) for t in result.block_seconds],
+        "device": str(device or "cpu"),
     }
     save_quantized_blocks(model, blocks_path, lambda i: finished_block(ckpt, i), source, out, tokenizer=tokenizer,
                           recipe=recipe.model_dump(mode="json"),
@@ -247,9 +257,13 @@ def _budget_plan(model, recipe: Recipe, calib, progress: bool) -> tuple[Recipe, 
                                                                      "predicted_kl": plan.predicted_kl})}
 
 
+def model_device_of(model) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def eval_job(model_path: str, *, base: str | None = None, protocol: Protocol | None = None,
              data: str | None = None, progress: bool = True, model=None, tokenizer=None, base_model=None,
-             base_key: str | None = None, windows: torch.Tensor | None = None) -> dict:
+             base_key: str | None = None, windows: torch.Tensor | None = None, device: str | None = None) -> dict:
     """Perplexity of the model at `model_path` under `protocol` (default: the `full` profile) and, with a
     base model (`base` path or `base_model` + `base_key`), KL(base ‖ model) and top-1 agreement on the
     same windows. Pre-loaded models and tokenized `windows` (`eval.evaluate.protocol_windows`) avoid reloading."""
@@ -260,6 +274,10 @@ def eval_job(model_path: str, *, base: str | None = None, protocol: Protocol | N
     protocol = protocol or get_protocol("full")
     if model is None:
         model, tokenizer = load_model(model_path)
+    if device is not None:  # the model (quantized layers too: QuantLinear._apply) and the base on the device
+        from lowbit.devices import resolve_device
+
+        model.to(resolve_device(device))
     if windows is None:
         if tokenizer is None:
             raise LowbitError(f"{model_path} has no tokenizer files; the evaluation text cannot be tokenized")
@@ -268,6 +286,8 @@ def eval_job(model_path: str, *, base: str | None = None, protocol: Protocol | N
     if base is not None or base_model is not None:
         if base_model is None:
             base_model, _ = load_model(base)
+            if device is not None:
+                base_model.to(model_device_of(model))
         key = base_key or (model_key(base) if base is not None else None)
         if key is None:
             from lowbit.fingerprint import weights_fingerprint

@@ -314,6 +314,18 @@ class QuantizedWeight:
     def bits_per_weight(self) -> float:
         return sum(self.storage().values()) / (self.shape[0] * self.shape[1])
 
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight with every tensor on `device` (dtypes unchanged); self when already there."""
+        device = torch.device(device)
+        if self.codes.device == device:
+            return self
+        t, meta = self.to_state()
+        return QuantizedWeight.from_state({k: v.to(device) for k, v in t.items()}, meta)
+
     # ---- serialisation: flat tensors + JSON-able metadata (the native format lives in lowbit.io)
 
     def to_state(self) -> tuple[Tensors, dict]:

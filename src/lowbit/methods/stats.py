@@ -47,12 +47,13 @@ class StatsAccumulator:
     mirrors it and scales by 2/N once. (The GPTQ reference rescales H at every batch; in float32 the two
     differ by rounding only, and the unscaled sum spares a copy of x and a pass over H per batch.)"""
 
-    def __init__(self, in_features: int, hessian: bool = True, activations: bool = True):
+    def __init__(self, in_features: int, hessian: bool = True, activations: bool = True,
+                 device: torch.device | str | None = None):
         self.n = 0
-        self.H = torch.zeros(in_features, in_features) if hessian else None
+        self.H = torch.zeros(in_features, in_features, device=device) if hessian else None
         # mean|x| and its per-batch maximum (≥ 0, so 0 is the identity of max); None when not wanted
-        self.mean_abs = torch.zeros(in_features) if activations else None
-        self.mean_abs_max = torch.zeros(in_features) if activations else None
+        self.mean_abs = torch.zeros(in_features, device=device) if activations else None
+        self.mean_abs_max = torch.zeros(in_features, device=device) if activations else None
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:

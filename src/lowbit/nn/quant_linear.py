@@ -29,6 +29,16 @@ class QuantLinear(nn.Module):
         self._cache: torch.Tensor | None = None  # the *base* weight (grid + outliers), never Ŵ + (AB)ᵀ
         self._lr_cache: tuple | None = None  # (dtype, A, B): the deployed factors
 
+    def _apply(self, fn, recurse=True):
+        """`module.to(device)` / `.cuda()` move the quantized weight too (its tensors are not parameters);
+        a dtype change never touches it (codes and scales keep their stored types)."""
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self.qweight.device)).device
+        if device != self.qweight.device and device.type != "meta":
+            self.qweight = self.qweight.to(device)
+            self._cache, self._lr_cache = None, None
+        return self
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight (grid + outliers, without the low-rank term) in `dtype`, cached."""
         if self._cache is None or self._cache.dtype != dtype:

@@ -227,8 +227,8 @@ class BlockRunner:
                 elif twin is not None:
                     accs.setdefault(name, accs[twin])
                 else:
-                    accs.setdefault(name, StatsAccumulator(x.shape[-1], hessian=hessian,
-                                                           activations=activations)).add(x.detach())
+                    accs.setdefault(name, StatsAccumulator(x.shape[-1], hessian=hessian, activations=activations,
+                                                           device=x.device)).add(x.detach())
                 seen[name] = x
                 if len(group) == 1:
                     self._keep_input(self._rel(name), b, x.detach())

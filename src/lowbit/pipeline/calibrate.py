@@ -43,6 +43,7 @@ from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
 from lowbit.models.dataflow import sequential_groups
 from lowbit.models.experts import expert_layers, unfuse_experts
 from lowbit.io.lazy import TensorSource, load_block, release_block
+from lowbit.devices import is_cpu, resolve_device
 from lowbit.pipeline.offload import DiskBatches, batches_bytes
 from lowbit.pipeline.parallel import Parallel
 from lowbit.models.swap import make_quant_linear, swap_in
@@ -261,6 +262,7 @@ def quantize_model(
     measure_error: bool | None = None,
     cache_budget: int | None = None,
     offload_activations: bool | None = None,
+    device: torch.device | str | None = None,
     source: "TensorSource | None" = None,
     parallel: "Parallel | None" = None,
 ) -> QuantizeResult:
@@ -283,8 +285,14 @@ def quantize_model(
     offload_activations: keep the current block's calibration inputs on disk (`pipeline.offload`; in the
     checkpoint directory when there is one), one batch in memory at a time; None = when they would exceed
     ACTIVATION_CAP_BYTES. The results are the same.
+    device: where blocks, their calibration inputs and the solver run (`lowbit.devices`; default the CPU).
+    The model stays on the host; each block moves there while it is quantized, and its QuantizedWeights
+    come back to the host when it is done.
     """
     t_start = time.perf_counter()
+    device = None if device is None else resolve_device(device)
+    if is_cpu(device):
+        device = None
     if hasattr(model, "get_input_embeddings"):
         unfuse_experts(model)  # one linear per expert, each quantized on the tokens routed to it
     adapter = get_adapter(model)
@@ -356,6 +364,13 @@ def quantize_model(
                 hidden, ctxs = _block_inputs(model, adapter, blocks[0][1], local, batch_size, store)
                 if start > 0:
                     hidden = ckpt.load_inputs(start, len(hidden), hidden if store is not None else None)
+                if device is not None:  # the inputs live on the device (offloaded ones go there batch by batch)
+                    moved: dict[int, Any] = {}  # batches that shared one mask / rotary table still do
+                    ctxs = [moved.setdefault(id(c), _tree_map(c, lambda t: t.to(device))) for c in ctxs]
+                    if store is not None:
+                        store.device = device
+                    else:
+                        hidden = [h.to(device) for h in hidden]
             for i in range(start, len(blocks)):
                 name, block = blocks[i]
                 bars.block(name, sum(map(len, groups[i])))
@@ -367,7 +382,7 @@ def quantize_model(
                                        bars, on_layer, records, prefix=name, advance=use_data and not last,
                                        cache_budget=cache_budget, experts=experts,
                                        traced=traced if adapter.blocks_path is not None else None,
-                                       parallel=parallel)
+                                       parallel=parallel, device=device)
                 if ckpt is not None:
                     ckpt.save_block(i, done, records, None if (last or not use_data) else hidden)
                 if source is None:
@@ -414,7 +429,7 @@ def _block_inputs(model, adapter, first_block, calib, batch_size, store=None):
 
 def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, measure, bars, on_layer,
                     records, prefix: str = "", advance: bool = False, cache_budget: int | None = None,
-                    experts: frozenset = frozenset(), traced: dict | None = None, parallel=None):
+                    experts: frozenset = frozenset(), traced: dict | None = None, parallel=None, device=None):
     """True-sequential quantization of one block, in float32 (cast back to its dtype afterwards).
 
     With `traced` (a decoder block) and data, the block's layers are split into true-sequential groups
@@ -427,6 +442,8 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
     dtypes = {n: layer_weight(model.get_submodule(n)).dtype for g in groups for n in g}
     if use_data and dtype not in (None, torch.float32):
         block.float()
+    if device is not None:
+        block.to(device)
     out = {}
     if cache_budget is None:  # on disk activations: the reused outputs are held in memory, so none by default
         cache_budget = 0 if isinstance(hidden, DiskBatches) else max(2 << 30, 2 * batches_bytes(hidden))
@@ -467,6 +484,9 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
             for b in range(len(hidden)):  # batch b's input is not read again once its output is made
                 hidden[b] = _f32(runner.run(b))
     finally:
+        if device is not None:  # back to the host, the QuantLinears' weights too (QuantLinear._apply)
+            block.to("cpu")
+            out = {n: model.get_submodule(n).qweight for n in out}
         if use_data and dtype not in (None, torch.float32):
             block.to(dtype)
         for m in block.modules():  # drop float32 dequantization caches made during calibration

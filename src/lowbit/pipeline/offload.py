@@ -24,13 +24,14 @@ class DiskBatches:
         self.root = Path(tempfile.mkdtemp(prefix="lowbit-acts-")) if root is None else Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._sizes: list[int] = []
+        self.device: torch.device | None = None  # where a batch read back goes (the pipeline's device)
 
     def _path(self, b: int) -> Path:
         return self.root / f"batch-{b:06d}.safetensors"
 
     def _write(self, b: int, h: torch.Tensor) -> None:
         tmp = self.root / f".batch-{b:06d}.tmp"
-        save_file({"h": h.detach().contiguous()}, str(tmp))
+        save_file({"h": h.detach().cpu().contiguous()}, str(tmp))
         os.replace(tmp, self._path(b))
 
     def append(self, h: torch.Tensor) -> None:
@@ -43,7 +44,8 @@ class DiskBatches:
     def __getitem__(self, b: int) -> torch.Tensor:
         if not -len(self) <= b < len(self):
             raise IndexError(b)
-        return load_file(str(self._path(b % len(self))))["h"]
+        h = load_file(str(self._path(b % len(self))))["h"]
+        return h if self.device is None else h.to(self.device)
 
     def __setitem__(self, b: int, h: torch.Tensor) -> None:
         if not 0 <= b < len(self):
