@@ -31,13 +31,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         # Fast path: whole codes per word, no code straddles a word boundary.
         per = 32 // bits
         c = torch.nn.functional.pad(c, (0, words * per - n)).reshape(*lead, words, per)
-        shifts = torch.arange(per, dtype=torch.int64) * bits
+        shifts = torch.arange(per, dtype=torch.int64, device=c.device) * bits
         v = (c << shifts).sum(dim=-1)
     else:
-        bit_idx = torch.arange(bits, dtype=torch.int64)
+        bit_idx = torch.arange(bits, dtype=torch.int64, device=c.device)
         stream = ((c.unsqueeze(-1) >> bit_idx) & 1).reshape(*lead, n * bits)
         stream = torch.nn.functional.pad(stream, (0, words * 32 - n * bits)).reshape(*lead, words, 32)
-        v = (stream << torch.arange(32, dtype=torch.int64)).sum(dim=-1)
+        v = (stream << torch.arange(32, dtype=torch.int64, device=c.device)).sum(dim=-1)
     # Reinterpret the unsigned 32-bit value as two's-complement int32.
     v = torch.where(v >= 2**31, v - 2**32, v)
     return v.to(torch.int32)
@@ -56,10 +56,10 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     *lead, nw = w.shape
     if 32 % bits == 0:
         per = 32 // bits
-        shifts = torch.arange(per, dtype=torch.int64) * bits
+        shifts = torch.arange(per, dtype=torch.int64, device=w.device) * bits
         c = ((w.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(*lead, nw * per)
         return c[..., :n].to(torch.uint8)
-    stream = ((w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(*lead, nw * 32)
+    stream = ((w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64, device=w.device)) & 1).reshape(*lead, nw * 32)
     stream = stream[..., : n * bits].reshape(*lead, n, bits)
-    c = (stream << torch.arange(bits, dtype=torch.int64)).sum(dim=-1)
+    c = (stream << torch.arange(bits, dtype=torch.int64, device=w.device)).sum(dim=-1)
     return c.to(torch.uint8)

@@ -323,8 +323,7 @@ class QuantizedWeight:
         device = torch.device(device)
         if self.codes.device == device:
             return self
-        t, meta = self.to_state()
-        return QuantizedWeight.from_state({k: v.to(device) for k, v in t.items()}, meta)
+        return _moved(self, device)
 
     # ---- serialisation: flat tensors + JSON-able metadata (the native format lives in lowbit.io)
 
@@ -412,6 +411,18 @@ class QuantizedWeight:
                  and A.shape[1] == B.shape[0], f"low-rank A {tuple(A.shape)}, B {tuple(B.shape)} for {self.shape}")
             bad = self.lowrank.check()
             need(bad is None, bad)
+
+
+def _moved(obj, device: torch.device):
+    """A copy of a (nested) dataclass with every tensor field on `device`."""
+    import dataclasses
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _moved(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
 
 
 def bit_counts(qweights: dict[str, QuantizedWeight], original_shapes: dict | None = None) -> dict:
