@@ -54,7 +54,7 @@ CHUNK_ELEMS = 1 << 24
 
 def scale_candidates(act_mean_abs: torch.Tensor, n_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(alphas [n], s [n, in] float32, rounded to the stored fp16) for α = k/n_grid, k < n_grid."""
-    alphas = torch.arange(n_grid, dtype=torch.float64) / n_grid
+    alphas = torch.arange(n_grid, dtype=torch.float64, device=act_mean_abs.device) / n_grid
     s = act_mean_abs.double()[None, :].pow(alphas[:, None]).clamp(min=1e-4)  # 0^0 = 1: α = 0 gives s ≡ 1
     s = s / torch.sqrt(s.amax(1, keepdim=True) * s.amin(1, keepdim=True))
     # fp16 range guard (only reachable with max/min of s_X^α beyond ~4e9); then the stored value is the
@@ -99,7 +99,7 @@ def clip_search(Wp: torch.Tensor, Hp: torch.Tensor, cfg: AWQConfig,
     errors [n_ratios, out, G])."""
     out, inp = Wp.shape
     gs = inp if cfg.group_size == -1 else cfg.group_size
-    ratios = clip_ratios(cfg).float()
+    ratios = clip_ratios(cfg).float().to(Wp.device)
     step = max(1, CHUNK_ELEMS // (out * inp))
     errs, c0 = [], 0
     for Wg in group_pieces(Wp.float(), gs):  # [out, G, g]: the full groups, then a partial last group

@@ -43,17 +43,17 @@ class UniformColumnGrid:
         if self.static:
             # Per channel / per tensor, or static groups: everything from the original W, original order.
             self.scale, self.zero = affine_qparams(W, bits, symmetric, group_size)
-            self._col_group = self._static_col_group(cols, perm)
+            self._col_group = self._static_col_group(cols, perm, W.device)
         else:
             G = n_groups(cols, group_size)  # the last group may be partial
-            self.scale = torch.empty(rows, G, dtype=torch.float16)
-            self.zero = torch.empty(rows, G, dtype=torch.int32)
+            self.scale = torch.empty(rows, G, dtype=torch.float16, device=W.device)
+            self.zero = torch.empty(rows, G, dtype=torch.int32, device=W.device)
         self._s = self._z = None
 
-    def _static_col_group(self, cols: int, perm):
+    def _static_col_group(self, cols: int, perm, device=None):
         gs = self._gs
-        orig = torch.arange(cols) if perm is None else perm
-        return orig // gs if gs > 0 else torch.zeros(cols, dtype=torch.long)
+        orig = torch.arange(cols, device=device) if perm is None else perm
+        return orig // gs if gs > 0 else torch.zeros(cols, dtype=torch.long, device=orig.device)
 
     def start_group(self, W_group: torch.Tensor, j: int) -> None:
         s, z = affine_qparams(W_group, self.bits, self.symmetric, -1)
@@ -85,6 +85,6 @@ class UniformColumnGrid:
         g_idx = None
         if not self.static and perm is not None:
             # Dynamic groups were formed in sweep order: original column perm[j] belongs to group j // g.
-            g_idx = torch.empty(len(perm), dtype=torch.int32)
-            g_idx[perm] = (torch.arange(len(perm)) // self._gs).to(torch.int32)
+            g_idx = torch.empty(len(perm), dtype=torch.int32, device=perm.device)
+            g_idx[perm] = (torch.arange(len(perm), device=perm.device) // self._gs).to(torch.int32)
         return UniformGrid(self.bits, self._gs, self.symmetric, self.scale, self.zero, g_idx)

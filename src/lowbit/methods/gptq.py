@@ -69,7 +69,7 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, grid: ColumnGrid, block_size: i
     update is one in-place rank-1 `addr_` (no out×B temporary): ~4× faster than column slicing.
     """
     rows, cols = W.shape
-    codes_t = torch.empty(cols, rows, dtype=torch.uint8)
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)
     loss = 0.0
     gs = grid.group_size
     for i1 in range(0, cols, block_size):

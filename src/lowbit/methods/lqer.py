@@ -127,7 +127,7 @@ def choose_rank(cfg: LQERConfig, sigma: torch.Tensor | None, base_bits: int, sha
         if float(e.sum()) == 0:
             return 0
         share = torch.cumsum(e, 0) / e.sum()
-        return min(int(torch.searchsorted(share, torch.tensor([cfg.rank_energy], dtype=share.dtype))) + 1, kmax)
+        return min(int(torch.searchsorted(share, torch.tensor([cfg.rank_energy], dtype=share.dtype, device=share.device))) + 1, kmax)
     if cfg.target_bits is not None:
         budget = cfg.target_bits * in_f * out_f
         fits = [k for k in range(kmax + 1) if base_bits + factor_bits(cfg.factor_dtype, in_f, out_f, k) <= budget]

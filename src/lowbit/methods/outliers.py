@@ -86,7 +86,7 @@ def _range_gain(g: torch.Tensor) -> torch.Tensor:
     lo = s.clamp(max=0)  # j-th smallest
     bot = (hi0 - lo).square() - (hi0 - torch.cat([lo[..., 1:], zero], -1)).square()
     top, bot = torch.cummin(top, -1).values.flip(-1), torch.cummin(bot, -1).values  # both in ascending order
-    half = torch.arange(n) >= n // 2
+    half = torch.arange(n, device=g.device) >= n // 2
     gain = torch.where(half, top, bot)
     return torch.empty_like(gain).scatter_(-1, idx, gain)
 
@@ -95,7 +95,7 @@ def reserve_mask(W: torch.Tensor, fraction: float, group_size: int, rule: Rule =
     """Boolean [out, in]: exactly `reserved_count(fraction, W.numel())` entries with the largest scores,
     ties broken towards the lower flat index r·in + c."""
     k = reserved_count(fraction, W.numel())
-    mask = torch.zeros(W.numel(), dtype=torch.bool)
+    mask = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
     if k:
         order = torch.sort(-outlier_scores(W, group_size, rule).flatten(), stable=True).indices
         mask[order[:k]] = True
@@ -146,8 +146,9 @@ class ReservedColumnGrid:
     def outliers(self, perm: torch.Tensor | None, shape: tuple[int, int]) -> Outliers:
         """The stored outliers in original column order."""
         rows, cols = shape
-        orig = torch.arange(cols) if perm is None else perm
         r = torch.cat(self._rows)
-        c = torch.repeat_interleave(orig, torch.tensor([x.numel() for x in self._rows], dtype=torch.long))
-        v = torch.cat([x for x in self._vals if x is not None]) if r.numel() else torch.empty(0, dtype=torch.float16)
+        orig = torch.arange(cols, device=r.device) if perm is None else perm
+        c = torch.repeat_interleave(orig, torch.tensor([x.numel() for x in self._rows], dtype=torch.long, device=r.device))
+        v = (torch.cat([x for x in self._vals if x is not None]) if r.numel()
+             else torch.empty(0, dtype=torch.float16, device=r.device))
         return Outliers((r * cols + c).to(torch.int32), v)

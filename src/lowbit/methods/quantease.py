@@ -89,7 +89,7 @@ def quantease_quantize(W: torch.Tensor, hessian: torch.Tensor, config: QuantEase
     k = 0
     if config.outliers:
         k = int(math.floor(config.outliers * W.numel() + 0.5))
-        mask = torch.zeros(W.numel(), dtype=torch.bool)
+        mask = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
         mask[torch.sort(-Wf.abs().flatten(), stable=True).indices[:k]] = True
         mask = mask.reshape(W.shape)
     fit = Wf if mask is None else fit_view(Wf, mask)
@@ -112,7 +112,7 @@ def quantease_quantize(W: torch.Tensor, hessian: torch.Tensor, config: QuantEase
         Qt = (start if perm is None else start[:, perm]).T.contiguous()
     else:
         Qt = (Wp - S).T.contiguous()
-    codes_t = torch.empty(cols, rows, dtype=torch.uint8)
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=Wp.device)
 
     def objective() -> float:
         D = (Wp - Qt.T - S).double()
@@ -126,7 +126,7 @@ def quantease_quantize(W: torch.Tensor, hessian: torch.Tensor, config: QuantEase
         if mask is not None:  # IHT on S: a gradient step on f, then the k largest entries
             R = (Qt.T + S - Wp) @ Hp
             S = S - step * R
-            keep = torch.zeros(S.numel(), dtype=torch.bool)
+            keep = torch.zeros(S.numel(), dtype=torch.bool, device=S.device)
             keep[torch.sort(-S.abs().flatten(), stable=True).indices[:k]] = True
             S = torch.where(keep.reshape(S.shape), S, torch.zeros_like(S))
         if trace is not None:
