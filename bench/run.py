@@ -36,6 +36,9 @@ def steps(profile: str) -> dict[str, list[str]]:
         "speed": py + [str(HERE / "speed.py"), "--out", out, *(["--quick"] if quick else [])],
         "inference": py + [str(HERE / "inference.py"), "--out", out, *(["--quick"] if quick else [])],
         "rd": py + [str(HERE / "rd.py"), "--out", out, *(["--part", "gaussian", "--size", "1024"] if quick else [])],
+        "scale": py + [str(HERE / "scale.py"), "--out", str(Path(out) / "scale.json"),
+                       *(["--sizes", "0.1B", "0.5B"] if quick else [])],
+        "gpu-smoke": py + [str(HERE / "gpu_smoke.py"), "--out", str(Path(out) / "gpu-smoke.json")],  # CUDA only
         "summarize": py + [str(HERE / "summarize.py"), "--profile", profile],
     }
 

@@ -101,7 +101,7 @@ def bound_gb(size: str, windows: int, seqlen: int = 512) -> float:
     return 2.5 + (4 * s["block_params"] * 4 + windows * seqlen * s["hidden"] * 4) / GB
 
 
-def run(size: str, method: str, load: str, windows: int) -> dict:
+def run(size: str, method: str, load: str, windows: int, results: Path = RESULTS) -> dict:
     from lowbit.eval.protocol import provenance
 
     src = build(size)
@@ -127,12 +127,13 @@ def run(size: str, method: str, load: str, windows: int) -> dict:
            "checkpoint_gb": round(sum(f.stat().st_size for f in src.glob("*.safetensors")) / GB, 3),
            "provenance": provenance(src)}
     shutil.rmtree(out, ignore_errors=True)
-    d = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    d = json.loads(results.read_text()) if results.is_file() else {"runs": {}}
     d["runs"][f"{size}/{method}/{load}"] = row
     d["fit"] = fit(d["runs"])
     from lowbit.io.atomic import atomic_write_text
 
-    atomic_write_text(RESULTS, json.dumps(d, indent=1) + "\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results, json.dumps(d, indent=1) + "\n")
     print(f"[scale] {size} {method} {load}: peak {row['peak_rss_gb']:.2f} GB (bound {row['bound_gb']:.2f}), "
           f"wall {wall:.0f} s, {row['block_seconds_mean']} s/block", flush=True)
     return row
@@ -153,13 +154,13 @@ def fit(runs: dict) -> dict:
     return out
 
 
-def plot() -> None:
+def plot(results: Path = RESULTS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = json.loads(RESULTS.read_text())["runs"].values()
+    runs = json.loads(results.read_text())["runs"].values()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for method in sorted({r["method"] for r in runs}):
         for load, style in (("layers", "-o"), ("whole", "--s")):
@@ -176,7 +177,7 @@ def plot() -> None:
     a.legend()
     b.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS.with_suffix(".png"), dpi=120)
+    fig.savefig(results.with_suffix(".png"), dpi=120)
 
 
 def main() -> None:
@@ -188,6 +189,7 @@ def main() -> None:
                     help="the whole-model load (float32) only up to this size: beyond it needs more memory than here")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if not args.plot:
         limit = list(SIZES).index(args.whole_up_to)
@@ -196,9 +198,9 @@ def main() -> None:
                 for load in args.loads:
                     if load == "whole" and list(SIZES).index(size) > limit:
                         continue
-                    run(size, method, load, args.calib_samples)
-    if RESULTS.is_file():
-        plot()
+                    run(size, method, load, args.calib_samples, args.out)
+    if args.out.is_file():
+        plot(args.out)
 
 
 if __name__ == "__main__":
