@@ -382,7 +382,7 @@ def quantize_model(
                                        bars, on_layer, records, prefix=name, advance=use_data and not last,
                                        cache_budget=cache_budget, experts=experts,
                                        traced=traced if adapter.blocks_path is not None else None,
-                                       parallel=parallel, device=device)
+                                       parallel=parallel, device=device, lean=source is not None)
                 if ckpt is not None:
                     ckpt.save_block(i, done, records, None if (last or not use_data) else hidden)
                 if source is None:
@@ -429,7 +429,8 @@ def _block_inputs(model, adapter, first_block, calib, batch_size, store=None):
 
 def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, measure, bars, on_layer,
                     records, prefix: str = "", advance: bool = False, cache_budget: int | None = None,
-                    experts: frozenset = frozenset(), traced: dict | None = None, parallel=None, device=None):
+                    experts: frozenset = frozenset(), traced: dict | None = None, parallel=None, device=None,
+                    lean: bool = False):
     """True-sequential quantization of one block, in float32 (cast back to its dtype afterwards).
 
     With `traced` (a decoder block) and data, the block's layers are split into true-sequential groups
@@ -446,7 +447,9 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
         block.to(device)
     out = {}
     if cache_budget is None:  # on disk activations: the reused outputs are held in memory, so none by default
-        cache_budget = 0 if isinstance(hidden, DiskBatches) else max(2 << 30, 2 * batches_bytes(hidden))
+        # layer by layer, memory is what matters: no 2 GiB floor, twice the block's activations at most
+        floor = 0 if lean else 2 << 30
+        cache_budget = 0 if isinstance(hidden, DiskBatches) else max(floor, 2 * batches_bytes(hidden))
     budget = cache_budget
     runner = (BlockRunner(model, block, prefix, hidden, ctxs, {n for g in groups for n in g}, budget)
               if use_data else None)
