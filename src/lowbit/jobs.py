@@ -87,6 +87,7 @@ def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: b
         "n_layers": len(result.qweights),
         "block_seconds": [round(t, 3) for t in result.block_seconds],
         "calibration_windows": None if calib is None else list(calib.shape),
+        "device": str(device or "cpu"),
     }
     return result, recipe, {"summary": summary, "prune": pruned, "finetune": tuned, "plan_files": plan_files}
 
@@ -228,9 +229,9 @@ def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, ove
         "n_layers": len(result.records), "calibration_windows": None if calib is None else list(calib.shape),
         "load": "layers", "dtype": str(source.dtype()).removeprefix("torch."), "device": str(device or "cpu"),
         "block_seconds": [round(t, 3) for t in result.block_seconds],
-        "device": str(device or "cpu"),
     }
-    save_quantized_blocks(model, blocks_path, lambda i: finished_block(ckpt, i), source, out, tokenizer=tokenizer,
+    save_quantized_blocks(model, blocks_path, lambda i: finished_block(ckpt, i), source, out,
+                          counts={"bits_per_weight": bpw, "stored_params": counts["stored_params"]}, tokenizer=tokenizer,
                           recipe=recipe.model_dump(mode="json"),
                           extra={"source_model": str(model_path), "summary": summary,
                                  "layers": [r.as_dict() for r in result.records]},

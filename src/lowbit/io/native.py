@@ -148,13 +148,19 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
-        write_tokenizer(tokenizer, tmp)
-        info = {"lowbit_version": lowbit.__version__, "format_version": FORMAT_VERSION,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": recipe, **(extra or {}),
-                "sha256": {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
-        (tmp / INFO).write_text(json.dumps(info, indent=2, default=str))
+        write_metadata(tmp, config, tokenizer, recipe, extra)
     return out
+
+
+def write_metadata(tmp: Path, config: dict, tokenizer, recipe: dict | None, extra: dict | None) -> None:
+    """config.json, the tokenizer files and lowbit.json (with the sha256 of every file, weights included)
+    into a directory being written; the weights file must be there already."""
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
+    write_tokenizer(tokenizer, tmp)
+    info = {"lowbit_version": lowbit.__version__, "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": recipe, **(extra or {}),
+            "sha256": {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
+    (tmp / INFO).write_text(json.dumps(info, indent=2, default=str))
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -18,20 +18,17 @@ from __future__ import annotations
 import json
 import struct
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import lowbit
 from lowbit.errors import LowbitError
-from lowbit.fingerprint import file_sha256
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.lazy import TensorSource, load_block
-from lowbit.io.native import CONFIG, FORMAT_VERSION, INFO, WEIGHTS, _quant_config, plain_state, write_tokenizer
+from lowbit.io.native import WEIGHTS, _quant_config, plain_state, write_metadata
 
 _NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -76,16 +73,16 @@ def write_safetensors(path: Path, parts: Parts, metadata: dict[str, str] | None 
 
 
 def save_quantized_blocks(model: nn.Module, blocks_path: str, block_qweights: Callable[[int], dict[str, QuantizedWeight]],
-                          source: TensorSource, out_dir: str | Path, *, tokenizer=None, recipe: dict | None = None,
-                          extra: dict | None = None, overwrite: bool = False) -> Path:
+                          source: TensorSource, out_dir: str | Path, *, counts: dict, tokenizer=None,
+                          recipe: dict | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
     """Write the skeleton `model` (decoder blocks on the meta device) with block i's quantized layers
-    `block_qweights(i)` as a native lowbit directory, atomically."""
+    `block_qweights(i)` as a native lowbit directory, atomically. `counts`: the quantized layers'
+    `bits_per_weight` and `stored_params` (`formats.quantized_weight.bit_counts`, summed over the blocks)."""
     from lowbit.models.experts import ExpertList
 
     out = Path(out_dir)
     stack = model.get_submodule(blocks_path)
     layers: dict[str, dict] = {}
-    bits = params = 0
 
     def block_tensors(i: int) -> dict[str, torch.Tensor]:
         prefix, filled = f"{blocks_path}.{i}", stack[i]
@@ -104,23 +101,12 @@ def save_quantized_blocks(model: nn.Module, blocks_path: str, block_qweights: Ca
         for i in range(len(stack)):
             yield block_tensors(i)
 
-    for i in range(len(stack)):  # the bit count, before lowbit.json is written
-        for q in block_qweights(i).values():
-            bits += sum(q.storage().values())
-            params += q.shape[0] * q.shape[1]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_safetensors(tmp / WEIGHTS, parts, {"format": "pt"})
         config = json.loads(model.config.to_json_string(use_diff=False))
-        config["quantization_config"] = _quant_config(
-            {}, recipe, layers=layers,
-            counts={"bits_per_weight": bits / params if params else 0.0, "stored_params": params})
+        config["quantization_config"] = _quant_config({}, recipe, layers=layers, counts=counts)
         unfused = [name for name, m in model.named_modules() if isinstance(m, ExpertList)]
         if unfused:
             config["quantization_config"]["unfused_experts"] = unfused
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
-        write_tokenizer(tokenizer, tmp)
-        info = {"lowbit_version": lowbit.__version__, "format_version": FORMAT_VERSION,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": recipe, **(extra or {}),
-                "sha256": {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
-        (tmp / INFO).write_text(json.dumps(info, indent=2, default=str))
+        write_metadata(tmp, config, tokenizer, recipe, extra)
     return out

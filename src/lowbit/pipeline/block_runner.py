@@ -245,6 +245,7 @@ class BlockRunner:
                                                 activations=activations))
         return accs
 
-    def outputs(self) -> list[torch.Tensor]:
-        """The block's outputs on every batch (all its layers quantized), reusing what was kept."""
-        return [self.run(b) for b in range(len(self.hidden))]
+    def outputs(self):
+        """The block's outputs batch after batch (all its layers quantized), reusing what was kept. Lazy:
+        the caller may overwrite batch b's input with its output before batch b + 1 is run."""
+        return (self.run(b) for b in range(len(self.hidden)))

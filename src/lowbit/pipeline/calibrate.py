@@ -484,8 +484,8 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
             if runner is not None:
                 runner.done(group)
         if advance and runner is not None:
-            for b in range(len(hidden)):  # batch b's input is not read again once its output is made
-                hidden[b] = _f32(runner.run(b))
+            for b, h in enumerate(runner.outputs()):  # batch b's input is not read again after its output
+                hidden[b] = _f32(h)
     finally:
         if device is not None:  # back to the host, the QuantLinears' weights too (QuantLinear._apply)
             block.to("cpu")
