@@ -9,8 +9,10 @@ Random-initialised Llama-shaped models (the shapes of common checkpoints: 0.1B �
 written once in bf16 as sharded safetensors under ~/.cache/lowbit/scale/. Each run is one
 `lowbit quantize MODEL --method M --bits 4 --group-size 128 --load L` process under /usr/bin/time
 (peak RSS of the whole process, wall clock), with GPTQ calibrated on --calib-samples windows of 512
-tokens of the packaged C4 split. The time of each block comes from the run's own summary
-(`block_seconds`: load, forward passes, solve, checkpoint write).
+tokens of the packaged C4 split. The checkpoint is read once before each run, so every run starts
+with it in the page cache (reads from a cold disk would otherwise decide the small models' times).
+The time of each block comes from the run's own summary (`block_seconds`: load, forward passes, solve,
+checkpoint write); the fits use the median over blocks (the first block also pays one-off warm-up).
 
 The memory bound the layer-by-layer path is judged against (issue 17):
 
@@ -18,7 +20,16 @@ The memory bound the layer-by-layer path is judged against (issue 17):
 
 where the activations are n_windows × seqlen × hidden × 4 bytes. Every row records it beside the
 measured peak. The exponent of time per block against parameters per block is fitted by least squares
-on log-log scale, per method. Results: bench/results/scale.json (with provenance), scale.png.
+on log-log scale, per method, and so is the exponent against the block's arithmetic (`block_flops`):
+
+    RTN   a constant number of passes over the weights: ∝ P
+    GPTQ  2·T·P (forward of the T calibration tokens, run twice: statistics, then the quantized
+          block's outputs) + 2·T·Σ_H d_in² (one Hessian X·Xᵀ per distinct input) + Σ_layers
+          (2·d_out·d_in² sweep + d_in³/3 Cholesky and inverse)
+
+GPTQ's solver is cubic in the width (d_out·d_in² per layer) while P is quadratic, so at a fixed
+calibration set no GPTQ implementation has an exponent of 1 against P; the exponent against the
+arithmetic says whether the implementation scales as the algorithm does. Results: bench/results/scale.json (with provenance), scale.png.
 """
 
 from __future__ import annotations
@@ -101,10 +112,33 @@ def bound_gb(size: str, windows: int, seqlen: int = 512) -> float:
     return 2.5 + (4 * s["block_params"] * 4 + windows * seqlen * s["hidden"] * 4) / GB
 
 
+def block_flops(size: str, method: str, tokens: int) -> float:
+    """Floating-point operations of one block (the cost model of the module docstring)."""
+    s = shapes(size)
+    h, i, kv = s["hidden"], s["intermediate"], s["kv_heads"] * (s["hidden"] // s["heads"])
+    if method == "rtn":
+        return float(s["block_params"])
+    layers = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (d_out, d_in): q k v o gate up down
+    hessians = [h, h, h, i]  # q/k/v share one input, o, gate/up share one, down
+    return float(2 * 2 * tokens * s["block_params"] + sum(2 * tokens * d * d for d in hessians)
+                 + sum(2 * o * d * d + d**3 / 3 for o, d in layers))
+
+
+def warm(src: Path) -> None:
+    """Read the checkpoint once: the timed run then finds it in the page cache."""
+    for f in sorted(src.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+
+
 def run(size: str, method: str, load: str, windows: int, results: Path = RESULTS) -> dict:
+    import statistics
+
     from lowbit.eval.protocol import provenance
 
     src = build(size)
+    warm(src)
     out = Path(f"/tmp/lowbit-scale-{size}-{method}-{load}")
     cmd = [PY, "-m", "lowbit.cli", "quantize", str(src), "-o", str(out), "--method", method, "--bits", "4",
            "--group-size", "128", "--load", load, "--calib-samples", str(windows), "--calib-seqlen", "512",
@@ -123,6 +157,8 @@ def run(size: str, method: str, load: str, windows: int, results: Path = RESULTS
            "wall_seconds": round(wall, 1), "quantize_seconds": round(summary["quantize_seconds"], 1),
            "peak_rss_gb": round(rss / GB, 3), "bound_gb": round(bound_gb(size, windows if method != "rtn" else 0), 3),
            "block_seconds_mean": round(sum(blocks) / len(blocks), 3) if blocks else None,
+           "block_seconds_median": round(statistics.median(blocks), 3) if blocks else None,
+           "block_flops": block_flops(size, method, windows * 512), "page_cache": "warm",
            "block_seconds": blocks, "bits_per_weight": summary["bits_per_weight"],
            "checkpoint_gb": round(sum(f.stat().st_size for f in src.glob("*.safetensors")) / GB, 3),
            "provenance": provenance(src)}
@@ -135,22 +171,26 @@ def run(size: str, method: str, load: str, windows: int, results: Path = RESULTS
     results.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results, json.dumps(d, indent=1) + "\n")
     print(f"[scale] {size} {method} {load}: peak {row['peak_rss_gb']:.2f} GB (bound {row['bound_gb']:.2f}), "
-          f"wall {wall:.0f} s, {row['block_seconds_mean']} s/block", flush=True)
+          f"wall {wall:.0f} s, {row['block_seconds_median']} s/block (median)", flush=True)
     return row
 
 
 def fit(runs: dict) -> dict:
-    """Per method (layer-by-layer runs): the exponent a of time per block ∝ (params per block)^a."""
+    """Per method (layer-by-layer runs, median block time): the exponent a of time per block ∝ (params per
+    block)^a, and the exponent against the block's arithmetic (`block_flops`). Runs marked superseded, run
+    by hand or without a median are left out."""
     import numpy as np
 
     out = {}
     for method in sorted({r["method"] for r in runs.values()}):
-        pts = [(r["block_params"], r["block_seconds_mean"]) for r in runs.values()
-               if r["method"] == method and r["load"] == "layers" and r["block_seconds_mean"]]
-        if len(pts) >= 2:
-            x, y = np.log([p for p, _ in pts]), np.log([t for _, t in pts])
-            a, _ = np.polyfit(x, y, 1)
-            out[method] = {"exponent": round(float(a), 3), "points": len(pts)}
+        rs = [r for r in runs.values() if r["method"] == method and r["load"] == "layers"
+              and r.get("block_seconds_median") and "superseded_by" not in r]
+        if len(rs) >= 2:
+            y = np.log([r["block_seconds_median"] for r in rs])
+            a, _ = np.polyfit(np.log([r["block_params"] for r in rs]), y, 1)
+            b, _ = np.polyfit(np.log([r["block_flops"] for r in rs]), y, 1)
+            out[method] = {"exponent": round(float(a), 3), "exponent_vs_flops": round(float(b), 3),
+                           "points": len(rs), "sizes": [r["size"] for r in rs], "time": "median s/block"}
     return out
 
 
@@ -164,16 +204,18 @@ def plot(results: Path = RESULTS) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for method in sorted({r["method"] for r in runs}):
         for load, style in (("layers", "-o"), ("whole", "--s")):
-            rs = sorted((r for r in runs if r["method"] == method and r["load"] == load), key=lambda r: r["params"])
+            rs = sorted((r for r in runs if r["method"] == method and r["load"] == load
+                         and "superseded_by" not in r), key=lambda r: r["params"])
             if rs:
                 a.plot([r["params"] / 1e9 for r in rs], [r["peak_rss_gb"] for r in rs], style, label=f"{method} {load}")
+            rs = [r for r in rs if r.get("block_seconds_median")]
             if rs and load == "layers":
-                b.loglog([r["block_params"] / 1e6 for r in rs], [r["block_seconds_mean"] for r in rs], style,
+                b.loglog([r["block_params"] / 1e6 for r in rs], [r["block_seconds_median"] for r in rs], style,
                          label=method)
     rs = sorted((r for r in runs if r["method"] == "gptq"), key=lambda r: r["params"]) or list(runs)
     a.plot([r["params"] / 1e9 for r in rs], [r["bound_gb"] for r in rs], ":", color="gray", label="bound (issue 17)")
     a.set(xlabel="parameters (B)", ylabel="peak RSS (GB)", title="peak memory of lowbit quantize")
-    b.set(xlabel="parameters per block (M)", ylabel="seconds per block", title="time per block (layer by layer)")
+    b.set(xlabel="parameters per block (M)", ylabel="seconds per block (median)", title="time per block (layer by layer)")
     a.legend()
     b.legend()
     fig.tight_layout()

@@ -43,3 +43,37 @@ def test_quant_linear_moves_with_its_module_and_keeps_its_types():
     layer.to("meta")  # (a released block) never touches the quantized tensors
     assert layer.qweight is q
     torch.testing.assert_close(QuantLinear(q)(x), y)
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval", "compare", "finetune", "generate"])
+def test_every_heavy_command_takes_a_device(command):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "--device" in out.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    from lowbit.kernels.generate import load_for_inference
+    from lowbit.qat.config import parse_qat_config, parse_train_config
+    from lowbit.qat.trainer import train
+
+    with pytest.raises(LowbitError, match="CUDA is not available"):
+        train(str(tmp_path), tmp_path / "out", parse_qat_config({"method": "l4q"}), parse_train_config({}),
+              device="cuda")
+    with pytest.raises(LowbitError, match="CUDA is not available"):
+        load_for_inference(tmp_path, device="cuda:0")
+
+
+def test_generate_samples_the_same_from_host_logits():
+    """Sampling draws from the host generator on host logits, so a GPU run samples what a CPU run does."""
+    from lowbit.kernels.generate import _next_token
+
+    logits = torch.randn(1, 50)
+    a = _next_token(logits, 0.8, 10, torch.Generator().manual_seed(3))
+    assert a.device.type == "cpu" and a.shape == (1, 1)
+    assert _next_token(logits, 0.0, 0, torch.Generator()).item() == int(logits.argmax())
+    assert a.item() == _next_token(logits, 0.8, 10, torch.Generator().manual_seed(3)).item()

@@ -166,3 +166,19 @@ def test_wrong_word_count_on_unpack_raises():
     assert unpack(words[:, :4], 3, 40).shape == (2, 40)  # 3-bit × 40 = 120 bits → 4 words
     with pytest.raises(LowbitError):
         unpack(words[:, :3], 3, 40)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_row_chunks_and_strided_input(bits, monkeypatch):
+    """Large tensors are packed a few rows at a time; a chunk size that splits the rows unevenly and a
+    transposed (non-contiguous) input give the words of the one-shot reference packer."""
+    import lowbit.formats.packing as packing
+
+    monkeypatch.setattr(packing, "_CHUNK_CODES", 3 * 45)  # 3 rows of 45 codes per chunk, 7 rows
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (45, 7), generator=g).to(torch.uint8).T  # [7, 45], strided
+    words = pack(codes, bits)
+    for r in range(7):
+        assert words[r].tolist() == ref_pack(codes[r].tolist(), bits)
+    assert torch.equal(unpack(words, bits, 45), codes)
+    assert torch.equal(unpack(words.T.contiguous().T, bits, 45), codes)  # strided words too

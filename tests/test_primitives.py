@@ -390,3 +390,22 @@ def test_small_magnitude_weights_keep_min_max_quality(std, bits):
     # scale-invariant: the same weights ×(0.02/std) reach 44.5 dB (8-bit) / 19.9 dB (4-bit)
     ref = _sqnr_db(w * (0.02 / std), fake_quantize_affine(w * (0.02 / std), bits, False, 128))
     assert _sqnr_db(w, fake_quantize_affine(w, bits, False, 128)) >= ref - 0.5
+
+
+@pytest.mark.parametrize("group_size", [0, -1, 32, 48])
+@pytest.mark.parametrize("with_g_idx", [False, True])
+def test_grouped_quantize_in_row_chunks_equals_full_broadcast(group_size, with_g_idx, monkeypatch):
+    """`affine_quantize_groups` walks the rows in chunks (here 3 rows of 80 per chunk, 10 rows: an uneven
+    split); its codes equal `affine_quantize` with the parameters broadcast over the whole weight."""
+    import lowbit.formats.quant_primitives as qp
+
+    if with_g_idx and group_size <= 0:
+        pytest.skip("g_idx goes with a positive group size")
+    monkeypatch.setattr(qp, "_CHUNK_ELEMENTS", 3 * 80)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(10, 80, generator=g)
+    scale, zero = qp.affine_qparams(w, 3, False, group_size)
+    g_idx = torch.randperm(80, generator=g) // group_size if with_g_idx else None
+    full = qp.affine_quantize(w, qp.expand_group_param(scale, w.shape, group_size, g_idx),
+                              qp.expand_group_param(zero, w.shape, group_size, g_idx), 3)
+    assert torch.equal(qp.affine_quantize_groups(w, scale, zero, 3, group_size, g_idx), full)

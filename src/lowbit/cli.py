@@ -195,6 +195,7 @@ def compare_cmd(
     budgets: Optional[list[float]] = typer.Option(None, "--budgets", help="Budgeted plans to add, bits/weight each (e.g. --budgets 3.0 2.5): runs named budget-3.0, ..., planned by the allocator over --budget-recipe's grid; one sensitivity measurement serves every budget."),
     budget_recipe: Optional[Path] = typer.Option(None, help="Recipe whose `quant` and `budget` sections (base method, option grid) the --budgets runs use (default: GPTQ with the default grid)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N: where each recipe's blocks and solver run, and where the models are evaluated (default: the CPU)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
     """Quantize MODEL with every recipe, evaluate all on the same WikiText-2 windows against the fp model,
@@ -214,7 +215,7 @@ def compare_cmd(
 
         model = str(build_reference(progress=not quiet))
     res = run_compare(model, named, out, proto, data=data, keep_models=keep_models, progress=not quiet,
-                      command=command_line(ctx),
+                      command=command_line(ctx), device=device,
                       on_run=lambda r: console.print(
                           f"{r['name']}: {r['bits_per_weight']:.3f} bits/weight, ppl {r['ppl']:.3f}, KL {r['kl']:.5f}"
                           + (" (saved run reused)" if r["resumed"] else f" ({r['quantize_seconds']:.1f} s + {r['eval_seconds']:.1f} s)"), soft_wrap=True))

@@ -232,13 +232,16 @@ class Comparison:
 
     def __init__(self, model_path: str, out_dir: str | Path, protocol: Protocol | None = None, *,
                  data: str | None = None, keep_models: bool = False, progress: bool = True,
-                 trust_remote_code: bool = False, isolate: bool = False):
+                 trust_remote_code: bool = False, isolate: bool = False, device: str | None = None):
+        from lowbit.devices import resolve_device
         from lowbit.io.native import load_model
         from lowbit.eval.evaluate import base_outputs, protocol_windows
 
         self.protocol = protocol or get_protocol("full")
         self.out, self.data, self.isolate = Path(out_dir), data, isolate
         self.keep_models, self.progress, self.trust_remote_code = keep_models, progress, trust_remote_code
+        # quantization runs each block and its solver there; evaluation runs the whole model there
+        self.device = None if device is None else str(resolve_device(device))
         manifest = claim_dir(self.out)
         self.model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
         self.model, self.tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
@@ -257,7 +260,10 @@ class Comparison:
         self._eval_key = {"model": self.model_path, "model_fingerprint": self.fingerprint,
                           "windows": tensor_sha(self.windows), "protocol": self.protocol.model_dump(),
                           "data": _data_source(data), "lowbit": lowbit.__version__}
+        if self.device is not None:  # the base's outputs once on the device; the host copy is all that stays
+            self.model.to(self.device)
         self.base = base_outputs(self.model, self.base_key, self.windows, self.protocol, progress)
+        self.model.to("cpu")
         n, t = self.windows.shape
         self.provenance = provenance(model_path, self.protocol, windows={"n": n, "seqlen": t,
                                                                          "sha": tensor_sha(self.windows)})
@@ -322,10 +328,11 @@ class Comparison:
             summary = self._quantize_in_subprocess(model_dir, recipe)
         else:
             summary = quantize_job(self.model_path, model_dir, recipe, data=self.data, overwrite=True,
-                                   progress=self.progress, trust_remote_code=self.trust_remote_code)
+                                   progress=self.progress, trust_remote_code=self.trust_remote_code,
+                                   device=self.device)
         model, qweights, info = load_quantized(model_dir, trust_remote_code=self.trust_remote_code)
         ev = eval_job(name, model=model, tokenizer=self.tokenizer, base_model=self.model, base_key=self.base_key,
-                      windows=self.windows, protocol=self.protocol, progress=self.progress)
+                      windows=self.windows, protocol=self.protocol, progress=self.progress, device=self.device)
         eval_seconds = ev["eval_seconds"]
         saved_recipe = info["provenance"].get("recipe") or recipe.model_dump(mode="json")  # a budget's plan
         c, windows = recipe.calibration, summary.get("calibration_windows")
@@ -382,7 +389,8 @@ class Comparison:
         atomic_write_text(recipe_file, recipe.to_yaml())
         cmd = [sys.executable, "-m", "lowbit.cli", "quantize", self.model_path, "-o", str(model_dir), "--recipe",
                str(recipe_file), "--overwrite", *(["--data", self.data] if self.data else []),
-               *([] if self.progress else ["--quiet"]), *(["--trust-remote-code"] if self.trust_remote_code else [])]
+               *([] if self.progress else ["--quiet"]), *(["--trust-remote-code"] if self.trust_remote_code else []),
+               *(["--device", self.device] if self.device else [])]
         try:
             if subprocess.run(cmd).returncode != 0:
                 raise LowbitError(f"quantization failed: {' '.join(cmd)}")
@@ -394,10 +402,11 @@ class Comparison:
 def run_compare(model_path: str, named: Sequence[tuple[str, Recipe]], out_dir: str | Path,
                 protocol: Protocol | None = None, *, data: str | None = None, keep_models: bool = False,
                 progress: bool = True, command: str | None = None, trust_remote_code: bool = False,
-                on_run: Callable[[dict], None] | None = None, isolate: bool = False) -> dict:
+                on_run: Callable[[dict], None] | None = None, isolate: bool = False, device: str | None = None) -> dict:
     """Run every recipe (reusing saved runs), then write report.md, report.html and pareto.png over
     these runs and every other finished run of the directory made under the same evaluation. Returns {"rows", "baseline", "paths"}; `on_run` sees each row as it is done. `isolate`: each
-    quantization runs as its own `lowbit quantize` process (honest peak memory per run)."""
+    quantization runs as its own `lowbit quantize` process (honest peak memory per run). `device`:
+    `lowbit.devices.resolve_device` (default: the CPU), for quantization and evaluation."""
     from lowbit.eval.compare_report import write_report
 
     if not named:
@@ -405,7 +414,7 @@ def run_compare(model_path: str, named: Sequence[tuple[str, Recipe]], out_dir: s
     named = unique_names(named)
     t0 = time.perf_counter()
     cmp = Comparison(model_path, out_dir, protocol, data=data, keep_models=keep_models, progress=progress,
-                     trust_remote_code=trust_remote_code, isolate=isolate)
+                     trust_remote_code=trust_remote_code, isolate=isolate, device=device)
     baseline = cmp.baseline()
     rows = []
     for name, recipe in named:

@@ -190,11 +190,10 @@ def quantize_job(model_path: str, out: str | Path, recipe: Recipe, *, data: str 
 def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, overwrite, progress,
                         trust_remote_code, parallel=None, offload_activations=None, device=None) -> dict:
     """`quantize_job` with one decoder block in memory at a time (`lowbit.io.lazy`, `io.streamed`)."""
-    from lowbit.formats.quantized_weight import bit_counts
     from lowbit.io.lazy import TensorSource, skeleton
     from lowbit.io.native import _has_tokenizer, load_tokenizer
     from lowbit.io.streamed import save_quantized_blocks
-    from lowbit.pipeline.calibrate import finished_block, quantize_model
+    from lowbit.pipeline.calibrate import finished_block_counts, finished_block_states, quantize_model
 
     t0 = time.perf_counter()
     path = Path(model_path).expanduser()
@@ -218,7 +217,7 @@ def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, ove
     n_blocks = len(model.get_submodule(blocks_path))
     counts = {"stored_bits": 0, "stored_params": 0}
     for i in range(n_blocks):
-        c = bit_counts(finished_block(ckpt, i))
+        c = finished_block_counts(ckpt, i)
         counts["stored_bits"] += c["stored_bits"]
         counts["stored_params"] += c["stored_params"]
     bpw = counts["stored_bits"] / counts["stored_params"] if counts["stored_params"] else 0.0
@@ -230,7 +229,7 @@ def _quantize_layerwise(model_path: str, out: Path, recipe: Recipe, *, data, ove
         "load": "layers", "dtype": str(source.dtype()).removeprefix("torch."), "device": str(device or "cpu"),
         "block_seconds": [round(t, 3) for t in result.block_seconds],
     }
-    save_quantized_blocks(model, blocks_path, lambda i: finished_block(ckpt, i), source, out,
+    save_quantized_blocks(model, blocks_path, lambda i: finished_block_states(ckpt, i), source, out,
                           counts={"bits_per_weight": bpw, "stored_params": counts["stored_params"]}, tokenizer=tokenizer,
                           recipe=recipe.model_dump(mode="json"),
                           extra={"source_model": str(model_path), "summary": summary,

@@ -131,6 +131,27 @@ def affine_quantize(
     return q.clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
+# Rows per chunk of `affine_quantize_groups`: ~2M elements keep every temporary a few MB, so the cost per
+# weight does not grow with the layer (one full-size fp32 temporary per step meant page faults per call).
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def affine_quantize_groups(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                           group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """`affine_quantize` with per-group (scale, zero) [R, G] (R = 1 for per tensor) broadcast a few rows at
+    a time: the same codes, without materialising the broadcast parameters for the whole weight."""
+    rows, cols = w.shape
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        s, z = (scale, zero) if scale.shape[0] == 1 else (scale[r0:r1], zero[r0:r1])
+        shape = torch.Size((r1 - r0, cols))
+        codes[r0:r1] = affine_quantize(w[r0:r1], expand_group_param(s, shape, group_size, g_idx),
+                                       expand_group_param(z, shape, group_size, g_idx), bits)
+    return codes
+
+
 def affine_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """ŵ = (q − z)·s in float32 (s, z broadcast to the codes' shape)."""
     return (codes.to(torch.int32) - zero).float() * scale.float()

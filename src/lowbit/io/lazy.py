@@ -182,14 +182,17 @@ def skeleton(path: str | Path, source: TensorSource, *, trust_remote_code: bool 
     return model
 
 
-def load_block(block: nn.Module, prefix: str, source: TensorSource) -> nn.Module:
-    """Fill a meta block from the checkpoint; returns a meta copy of it (for `release_block`)."""
+def load_block(block: nn.Module, prefix: str, source: TensorSource, skip: set[str] = frozenset()) -> nn.Module:
+    """Fill a meta block from the checkpoint; returns a meta copy of it (for `release_block`). Tensors named
+    in `skip` (block-relative) stay on the meta device."""
     from lowbit.models.experts import ExpertList
 
     template = copy.deepcopy(block)
     fused: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     experts = [mname for mname, m in block.named_modules() if isinstance(m, ExpertList)]
     for name in _state_names(block):
+        if name in skip:
+            continue
         full = f"{prefix}.{name}"
         owner = next((f for f in experts if name.startswith(f + ".")), None)
         if owner is None or full in source:

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.lazy import TensorSource, load_block
 from lowbit.io.native import WEIGHTS, _quant_config, plain_state, write_metadata
@@ -72,11 +71,12 @@ def write_safetensors(path: Path, parts: Parts, metadata: dict[str, str] | None 
         raise LowbitError(f"{path}: wrote {written} bytes of tensor data, the header promised {offset}")
 
 
-def save_quantized_blocks(model: nn.Module, blocks_path: str, block_qweights: Callable[[int], dict[str, QuantizedWeight]],
+def save_quantized_blocks(model: nn.Module, blocks_path: str, block_states: Callable[[int], dict[str, tuple[dict, dict]]],
                           source: TensorSource, out_dir: str | Path, *, counts: dict, tokenizer=None,
                           recipe: dict | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
     """Write the skeleton `model` (decoder blocks on the meta device) with block i's quantized layers
-    `block_qweights(i)` as a native lowbit directory, atomically. `counts`: the quantized layers'
+    `block_states(i)` (name → `QuantizedWeight.to_state()`, as the block checkpoints store them) as a
+    native lowbit directory, atomically. `counts`: the quantized layers'
     `bits_per_weight` and `stored_params` (`formats.quantized_weight.bit_counts`, summed over the blocks)."""
     from lowbit.models.experts import ExpertList
 
@@ -86,12 +86,12 @@ def save_quantized_blocks(model: nn.Module, blocks_path: str, block_qweights: Ca
 
     def block_tensors(i: int) -> dict[str, torch.Tensor]:
         prefix, filled = f"{blocks_path}.{i}", stack[i]
-        stack[i] = load_block(filled, prefix, source)  # fills the block, puts a meta copy back in its place
-        qweights = block_qweights(i)
-        quantized = {name[len(prefix) + 1:] for name in qweights}  # their float weights are not written
+        states = block_states(i)
+        quantized = {name[len(prefix) + 1:] for name in states}  # their float weights are neither read nor written
+        # fills the rest of the block, puts a meta copy back in its place
+        stack[i] = load_block(filled, prefix, source, skip={f"{q}.weight" for q in quantized})
         tensors = {f"{prefix}.{k}": v for k, v in plain_state(filled, quantized).items()}
-        for name, q in qweights.items():
-            state, meta = q.to_state()
+        for name, (state, meta) in states.items():
             tensors.update({f"{name}.{k}": t for k, t in state.items()})
             layers[name] = meta
         return tensors

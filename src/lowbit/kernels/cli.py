@@ -21,6 +21,7 @@ def generate_cmd(
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = all)."),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: torch's)."),
+    device: str = typer.Option("cpu", help="cpu | auto | cuda | cuda:N. On a GPU every layer runs the reference path (dequantized once, cached on the device): the packed kernels are CPU kernels."),
 ):
     """Stream a continuation of PROMPT with the quantized model; print tokens/s and memory."""
     import torch
@@ -29,7 +30,7 @@ def generate_cmd(
 
     if threads:
         torch.set_num_threads(threads)
-    m, tok, counts = load_for_inference(model, backend, dtype)
+    m, tok, counts = load_for_inference(model, backend, dtype, device)
     sys.stdout.write(prompt)
     sys.stdout.flush()
     res = generate(m, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,

@@ -62,8 +62,8 @@ def _state(module: nn.Module, dtype: torch.dtype):
 def base_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """x·Ŵ_gridᵀ through a kernel, or None when the reference path must run."""
     backend = getattr(module, "backend", "auto")
-    if backend == "reference" or (backend == "auto" and x.dtype != torch.bfloat16):
-        return None
+    if backend == "reference" or (backend == "auto" and x.dtype != torch.bfloat16) or x.device.type != "cpu":
+        return None  # (the int4 / int8 / LUT ops here are CPU ops)
     if backend == "auto":
         if getattr(module, "_auto_kind", "?") == "?":
             module._auto_kind = kernel_for(module.qweight)

@@ -46,6 +46,8 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> torch.Tensor:
+    # one row of logits comes to the host: sampling with the host generator is the same on every device
+    logits = logits.float().cpu()
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature
@@ -62,6 +64,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
     from lowbit.progress import peak_memory_mb
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    dev = next(model.parameters()).device
     if ids.shape[1] == 0:
         raise LowbitError("the prompt is empty after tokenization")
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -70,7 +73,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
     gen = torch.Generator().manual_seed(seed)
     eos = getattr(tokenizer, "eos_token_id", None)
     t0 = time.perf_counter()
-    out = model(ids, use_cache=True)
+    out = model(ids.to(dev), use_cache=True)
     t_prefill = time.perf_counter() - t0
     past, new, shown = out.past_key_values, [], ""
     tok = _next_token(out.logits[:, -1], temperature, top_k, gen)
@@ -83,7 +86,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
             shown = text
         if eos is not None and int(tok) == eos or len(new) == max_new_tokens:
             break
-        out = model(tok, past_key_values=past, use_cache=True)
+        out = model(tok.to(dev), past_key_values=past, use_cache=True)
         past = out.past_key_values
         tok = _next_token(out.logits[:, -1], temperature, top_k, gen)
     t_decode = time.perf_counter() - t1
@@ -95,8 +98,11 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
             "peak_memory_mb": peak_memory_mb(), "weights_mb": {k: v / 2**20 for k, v in weight_bytes(model).items()}}
 
 
-def load_for_inference(path: str | Path, backend: str = "auto", dtype: str | None = None):
-    """(model, tokenizer, layer counts by kernel) from a native lowbit output."""
+def load_for_inference(path: str | Path, backend: str = "auto", dtype: str | None = None, device: str | None = None):
+    """(model, tokenizer, layer counts by kernel) from a native lowbit output, on `device`
+    (`lowbit.devices.resolve_device`; default the CPU). The packed kernels are CPU kernels: on a GPU
+    every layer runs the reference path (weights dequantized once into a cache on the device)."""
+    from lowbit.devices import resolve_device
     from lowbit.exporters.common import DTYPES
     from lowbit.io.native import load_tokenizer, load_quantized
     from lowbit.kernels.dispatch import BACKENDS, set_backend
@@ -106,7 +112,8 @@ def load_for_inference(path: str | Path, backend: str = "auto", dtype: str | Non
     dtype = dtype or ("float32" if backend == "reference" else "bfloat16")
     if dtype not in DTYPES:
         raise LowbitError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    dev = resolve_device(device or "cpu")
     model, _, _ = load_quantized(path, dtype=DTYPES[dtype])
-    model.to(DTYPES[dtype])  # QuantLinear biases too
-    counts = set_backend(model, backend)
+    model.to(dev, DTYPES[dtype])  # QuantLinear biases too
+    counts = set_backend(model, backend if dev.type == "cpu" else "reference")
     return model, load_tokenizer(str(path), False), counts

@@ -6,8 +6,7 @@ import torch
 
 from lowbit.formats.quant_primitives import (
     affine_qparams,
-    affine_quantize,
-    expand_group_param,
+    affine_quantize_groups,
     mxint_quantize,
 )
 from lowbit.formats.quantized_weight import MXIntGrid, QuantizedWeight, UniformGrid
@@ -27,8 +26,6 @@ def rtn_quantize(W: torch.Tensor, config: RTNConfig) -> QuantizedWeight:
     mask = reserve_mask(W, config.outliers, config.group_size, config.outlier_rule) if config.outliers else None
     scale, zero = affine_qparams(W if mask is None else fit_view(W, mask), config.bits, config.symmetric,
                                  config.group_size)
-    s = expand_group_param(scale, W.shape, config.group_size)
-    z = expand_group_param(zero, W.shape, config.group_size)
-    codes = affine_quantize(W, s, z, config.bits)
+    codes = affine_quantize_groups(W, scale, zero, config.bits, config.group_size)
     grid = UniformGrid(config.bits, config.group_size, config.symmetric, scale, zero)
     return QuantizedWeight(W.shape, W.dtype, grid, codes, None if mask is None else take_outliers(W, mask))

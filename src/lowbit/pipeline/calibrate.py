@@ -549,7 +549,19 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def finished_block(checkpoint_dir: str | Path, i: int, meta: dict | None = None) -> dict[str, QuantizedWeight]:
-    """The QuantizedWeights of finished block i in a checkpoint directory (layer-by-layer saves read them)."""
+    """The QuantizedWeights of finished block i in a checkpoint directory."""
+    out = {}
+    for name, (t, m) in finished_block_states(checkpoint_dir, i, meta).items():
+        try:
+            out[name] = QuantizedWeight.from_state(t, m)
+        except LowbitError as e:
+            raise LowbitError(f"damaged checkpoint in {checkpoint_dir} ({e}); delete it to start over") from None
+    return out
+
+
+def finished_block_states(checkpoint_dir: str | Path, i: int, meta: dict | None = None) -> dict[str, tuple[dict, dict]]:
+    """Finished block i as stored: layer name → (`QuantizedWeight.to_state()` tensors, metadata). The
+    layer-by-layer save writes these as they are (no unpacking and packing again)."""
     root = Path(checkpoint_dir)
     try:
         if meta is None:
@@ -557,11 +569,22 @@ def finished_block(checkpoint_dir: str | Path, i: int, meta: dict | None = None)
         tensors = load_file(root / f"block-{i:05d}.safetensors")
         out = {}
         for name, m in meta["layers"].items():
-            t = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + "/")}
-            out[name] = QuantizedWeight.from_state(t, m)
+            out[name] = ({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + "/")}, m)
     except (OSError, KeyError, TypeError, ValueError, SafetensorError) as e:
         raise LowbitError(f"damaged checkpoint in {root} ({e}); delete it to start over") from None
     return out
+
+
+def finished_block_counts(checkpoint_dir: str | Path, i: int) -> dict:
+    """`bit_counts` of finished block i (kept in its JSON; recomputed for checkpoints that lack them)."""
+    from lowbit.formats.quantized_weight import bit_counts
+
+    root = Path(checkpoint_dir)
+    try:
+        meta = json.loads((root / f"block-{i:05d}.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"damaged checkpoint in {root} ({e}); delete it to start over") from None
+    return meta.get("counts") or bit_counts(finished_block(root, i, meta))
 
 
 class _Checkpoint:
@@ -649,9 +672,11 @@ class _Checkpoint:
             tensors.update({f"{name}/{k}": v for k, v in t.items()})
         recs = [r.as_dict() for r in records if r.block == i]
         if self.main:
+            from lowbit.formats.quantized_weight import bit_counts
+
             _atomic(self.root / f"block-{i:05d}.safetensors", lambda p: save_file(tensors, str(p)))
-            _atomic(self.root / f"block-{i:05d}.json",
-                    lambda p: p.write_text(json.dumps({"layers": metas, "records": recs})))
+            info = {"layers": metas, "records": recs, "counts": bit_counts(done)}
+            _atomic(self.root / f"block-{i:05d}.json", lambda p: p.write_text(json.dumps(info)))
         if next_inputs is not None:  # batch by batch: offloaded inputs never all in memory
             from lowbit.io.streamed import write_safetensors
 

@@ -40,6 +40,7 @@ def finetune(
     adapter_dtype: str = typer.Option("fp16", help="qlora: storage of the exported adapter: fp16 | int8 (per-row fp16 scales)."),
     nproc: int = typer.Option(1, help="Spawn N local data-parallel processes (or launch with torchrun)."),
     threads: Optional[int] = typer.Option(None, help="torch threads per process."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N: where the model, adapters and optimizer live (auto: the first GPU when CUDA is available; data-parallel CUDA runs: each process on cuda:LOCAL_RANK, NCCL)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     restart: bool = typer.Option(False, help="Ignore an existing checkpoint and start over."),
@@ -77,7 +78,7 @@ def finetune(
         checkpoint_every=checkpoint_every, seed=seed))
     if nproc < 1:
         raise LowbitError(f"--nproc must be at least 1, got {nproc}")
-    kw = dict(data=data, overwrite=overwrite, progress=not quiet, restart=restart, threads=threads)
+    kw = dict(data=data, overwrite=overwrite, progress=not quiet, restart=restart, threads=threads, device=device)
     if nproc > 1:
         dd.spawn(nproc, train, model, out, qcfg, tcfg, **kw)
         import json

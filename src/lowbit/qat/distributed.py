@@ -3,7 +3,7 @@ gradients of the trainable tensors are summed across processes before the (ident
 
 Started either by `torchrun --nproc-per-node N -m lowbit.cli finetune ...` (the environment carries RANK /
 WORLD_SIZE / MASTER_ADDR) or by `lowbit finetune --nproc N`, which spawns N local processes itself.
-Backend: NCCL when CUDA is available, else gloo. The loss of every process is already divided by the
+Backend: NCCL when the training runs on CUDA (each process on its GPU, cuda:LOCAL_RANK), else gloo. The loss of every process is already divided by the
 global number of target tokens, so a plain SUM all-reduce gives the single-process gradient.
 """
 
@@ -21,20 +21,26 @@ import torch.distributed as dist
 class World:
     rank: int = 0
     size: int = 1
+    device: str = "cpu"  # where the collectives' tensors live (NCCL takes CUDA tensors only)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def setup() -> World:
-    """Join the process group when launched with WORLD_SIZE > 1; a single process otherwise."""
+def setup(device: torch.device | str = "cpu") -> World:
+    """Join the process group when launched with WORLD_SIZE > 1; a single process otherwise. `device`:
+    where this process trains; on CUDA each process takes its own GPU, cuda:LOCAL_RANK."""
+    device = torch.device(device)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
-        return World()
+        return World(device=str(device))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), str(device))
 
 
 def teardown(world: World) -> None:
@@ -59,7 +65,7 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world: World) -> None:
 def all_reduce_sum(x: float, world: World) -> float:
     if world.size <= 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=world.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t)
 

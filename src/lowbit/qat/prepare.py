@@ -33,17 +33,19 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for bn, b in adapter.blocks(model) for g in adapter.groups(model, bn, b) for n in g]
 
 
-def ptq_weights(model: nn.Module, cfg, method: str, calib: torch.Tensor | None) -> dict[str, QuantizedWeight]:
-    """The PTQ start: RTN per layer, or GPTQ through the pipeline on a copy (the model is not touched)."""
+def ptq_weights(model: nn.Module, cfg, method: str, calib: torch.Tensor | None,
+                device: torch.device | None = None) -> dict[str, QuantizedWeight]:
+    """The PTQ start: RTN per layer, or GPTQ through the pipeline on a copy (the model is not touched);
+    the solver runs on `device`, the weights come back to the host."""
     kw = dict(bits=cfg.bits, group_size=cfg.group_size, symmetric=getattr(cfg, "symmetric", False))
     if method == "rtn":
-        return {n: rtn_quantize(layer_weight(model.get_submodule(n)).float(), RTNConfig(**kw))
+        return {n: rtn_quantize(layer_weight(model.get_submodule(n)).float().to(device or "cpu"), RTNConfig(**kw)).to("cpu")
                 for n in linear_names(model)}
     if calib is None:
         raise LowbitError("GPTQ initialisation needs calibration windows")
     from lowbit.pipeline.calibrate import quantize_model
 
-    return quantize_model(copy.deepcopy(model), GPTQConfig(**kw), calib, progress=False).qweights
+    return quantize_model(copy.deepcopy(model), GPTQConfig(**kw), calib, progress=False, device=device).qweights
 
 
 def _plain_grid(qw: QuantizedWeight, name: str) -> UniformGrid:

@@ -51,6 +51,8 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def window_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, loss: str,
                 teacher: nn.Module | None = None) -> torch.Tensor:
     """Σ over target tokens of the per-token loss (not averaged)."""
+    dev = next(model.parameters()).device
+    ids, mask = ids.to(dev), mask.to(dev)
     logits = _logits(model, ids)[:, :-1].float()
     m = mask[:, 1:].to(logits.dtype)
     if loss == "ce":
@@ -127,13 +129,19 @@ def _calibration(tokenizer, model, tcfg: TrainConfig, data: str | None) -> torch
 
 def train(model_path: str, out: str | Path, qcfg, tcfg: TrainConfig, *, data: str | None = None,
           overwrite: bool = False, progress: bool = True, restart: bool = False,
-          on_step: Callable[[int, dict], None] | None = None, threads: int | None = None) -> dict:
+          on_step: Callable[[int, dict], None] | None = None, threads: int | None = None,
+          device: str | None = None) -> dict:
     """Fine-tune `model_path` with `qcfg` and write the result to `out`. Returns the summary.
 
     Runs as one process of a data-parallel group when launched that way (`distributed.setup`).
     `on_step(step, record)` is called after every optimizer step (tests use it to simulate a kill).
+    `device`: `lowbit.devices.resolve_device` (auto: the first GPU when there is one); the model, its
+    adapters and quantizer steps, the optimizer state and every batch live there; the export is written
+    from host memory.
     """
-    world = dd.setup()
+    from lowbit.devices import resolve_device
+
+    world = dd.setup(resolve_device(device))
     try:
         return _train(world, model_path, Path(out), qcfg, tcfg, data, overwrite, progress and world.main, restart,
                       on_step, threads)
@@ -156,6 +164,7 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
         raise LowbitError(f"micro batch {micro} does not divide the per-process batch {local}")
     t_start = time.perf_counter()
     model, tokenizer = load_model(model_path)
+    device = torch.device(world.device)
     if getattr(model, "_lowbit_quantized", False):
         raise LowbitError(f"{model_path} is already quantized by lowbit; fine-tune the original model")
     if tokenizer is None:
@@ -177,9 +186,12 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
     ptq = None
     if ptq_kind is not None:
         calib = _calibration(tokenizer, model, tcfg, data) if ptq_kind == "gptq" else None
-        ptq = ptq_weights(model, qcfg, ptq_kind, calib)
+        ptq = ptq_weights(model, qcfg, ptq_kind, calib, device=device)
     layers = prepare_model(model, qcfg, seed=tcfg.seed, ptq=ptq)
     del ptq
+    model.to(device)  # after the QAT layers are made on the host: their tensors move with the model
+    if teacher is not None:
+        teacher.to(device)
     main, quant = trainable(layers)
     params = {**main, **quant}
     groups = [{"params": list(main.values()), "lr": tcfg.lr, "weight_decay": tcfg.weight_decay}]
@@ -248,6 +260,7 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
     if world.main:
         from lowbit.qat.export import export
 
+        model.to("cpu")
         summary.update(export(model, layers, qcfg, tcfg, out, model_path=model_path, tokenizer=tokenizer,
                               summary=summary, history=history, overwrite=overwrite))
         shutil.rmtree(root, ignore_errors=True)
