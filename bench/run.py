@@ -38,6 +38,10 @@ def steps(profile: str) -> dict[str, list[str]]:
         "rd": py + [str(HERE / "rd.py"), "--out", out, *(["--part", "gaussian", "--size", "1024"] if quick else [])],
         "scale": py + [str(HERE / "scale.py"), "--out", str(Path(out) / "scale.json"),
                        *(["--sizes", "0.1B", "0.5B"] if quick else [])],
+        "chat-calib": py + [str(HERE / "chat_calib.py"), "--profile", profile,
+                            "--out", str(Path(out) / "chat-calib.json")],
+        "gguf-kquants": py + [str(HERE / "gguf_kquants.py"), "--profile", profile,
+                              "--out", str(Path(out) / "gguf-kquants.json")],
         "gpu-smoke": py + [str(HERE / "gpu_smoke.py"), "--out", str(Path(out) / "gpu-smoke.json")],  # CUDA only
         "summarize": py + [str(HERE / "summarize.py"), "--profile", profile],
     }

@@ -123,10 +123,12 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_cod
 
 
 def evaluate(model: nn.Module | str | Path, *, base: nn.Module | str | Path | None = None, tokenizer=None,
-             profile: str = "full", data: str | None = None, progress: bool = False, **protocol) -> dict:
+             profile: str = "full", data: str | None = None, progress: bool = False,
+             tasks: list[str] | None = None, task_limit: int | float | None = None, **protocol) -> dict:
     """WikiText-2 perplexity of `model` under lowbit's protocol (`profile` quick|full, fields such as
     `windows=` or `seqlen=` overridable) and, with `base`, KL(base ‖ model) and top-1 agreement on the same
-    windows. Returns the same dict as `lowbit eval --json`."""
+    windows; with `tasks`, lm-evaluation-harness tasks too (`lowbit.eval.harness`; the first `task_limit`
+    examples of each). Returns the same dict as `lowbit eval --json`."""
     from lowbit.eval.protocol import get_protocol
     from lowbit.jobs import eval_job
 
@@ -137,8 +139,8 @@ def evaluate(model: nn.Module | str | Path, *, base: nn.Module | str | Path | No
     if tok is None:
         raise LowbitError("evaluate needs a tokenizer for the evaluation text: pass tokenizer=")
     kw: dict = {"base": str(base)} if isinstance(base, (str, Path)) else {"base_model": base}
-    return eval_job(path, model=m, tokenizer=tok, protocol=proto, data=data, progress=progress,
-                    **({} if base is None else kw))
+    return eval_job(path, model=m, tokenizer=tok, protocol=proto, data=data, progress=progress, tasks=tasks,
+                    task_limit=task_limit, **({} if base is None else kw))
 
 
 def export(source: str | Path, fmt: str, out: str | Path, **kw) -> Path:

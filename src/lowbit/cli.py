@@ -67,8 +67,9 @@ def quantize(
     claq_fit: Optional[str] = typer.Option(None, help="CLAQ codebook fit: column (refit on each updated column, the paper's; default) | block (one batch per 128-column block, ~10x faster)."),
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags given explicitly override it."),
     budget_bits: Optional[float] = typer.Option(None, help="Budgeted allocation: choose per layer bits, group size, LQER rank (and outlier fraction) from the recipe's `budget` grid (default bits 2/3/4, groups pc/128/64/32, ranks 0/8/16/32) minimising the summed measured per-layer KL, average bits/weight (all metadata) ≤ this. Writes OUT/plan.yaml, a recipe that reproduces the result."),
-    calib_dataset: Optional[str] = typer.Option(None, help="c4 | wikitext2-valid | text (default c4, documents never used to train the reference model)."),
-    calib_file: Optional[Path] = typer.Option(None, help="Text file for --calib-dataset text."),
+    calib_dataset: Optional[str] = typer.Option(None, help="c4 | wikitext2-valid | text | jsonl (conversations) | hf:NAME[:SPLIT] (online; a 'messages' or 'text' column). Default c4, documents never used to train the reference model."),
+    calib_file: Optional[Path] = typer.Option(None, help="The file for --calib-dataset text (UTF-8) or jsonl ({\"messages\": [...]} or {\"instruction\", \"input\", \"output\"} per line)."),
+    calib_chat: Optional[bool] = typer.Option(None, "--calib-chat/--no-calib-chat", help="Render each calibration example through the tokenizer's chat template (plain documents: first quarter of words as the user turn, the rest as the reply). For chat models: their template tokens carry outlier activations plain text never shows."),
     calib_samples: Optional[int] = typer.Option(None, help="Calibration windows (default 128)."),
     calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per window (default 512)."),
     seed: Optional[int] = typer.Option(None, help="Calibration sampling seed (default 0)."),
@@ -110,7 +111,7 @@ def quantize(
     if act_bits is not None:
         act = base.quant.act.model_dump() if base.quant.act is not None else {}
         q["act"] = {**act, "bits": act_bits}
-    c = {k: v for k, v in dict(dataset=calib_dataset, path=str(calib_file) if calib_file else None,
+    c = {k: v for k, v in dict(dataset=calib_dataset, path=str(calib_file) if calib_file else None, chat=calib_chat,
                                    n_samples=calib_samples, seqlen=calib_seqlen, seed=seed).items() if v is not None}
     r = merge(base, q, c)
     if budget_bits is not None:
@@ -144,10 +145,14 @@ def eval_cmd(
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N: run the model (and the base) there (default: where it loads, the CPU)."),
+    tasks: Optional[str] = typer.Option(None, help="lm-evaluation-harness tasks to run too, comma-separated: lowbit_c4_continuation (ships with lowbit, offline) or any task of the harness (its data from the hub). Needs the lm-eval package."),
+    task_limit: Optional[float] = typer.Option(None, help="lm-eval: the first N examples of each task (a fraction when < 1)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="lm-eval: few-shot examples (default: the task's)."),
     quiet: bool = typer.Option(False, help="No progress."),
 ):
     """WikiText-2 test perplexity (GPTQ protocol) and, against the base model, KL divergence and top-1
-    agreement on the same windows (the base model's outputs are cached under the lowbit cache)."""
+    agreement on the same windows (the base model's outputs are cached under the lowbit cache); with
+    --tasks, lm-evaluation-harness tasks on the same model."""
     from lowbit.eval.protocol import get_protocol
     from lowbit.jobs import eval_job
 
@@ -162,7 +167,10 @@ def eval_cmd(
             src = read_json(info, "lowbit output metadata").get("source_model")
             if src and Path(src).exists():
                 base = src
-    res = eval_job(model, base=base, protocol=proto, data=data, progress=not quiet, device=device)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    limit = None if task_limit is None else (int(task_limit) if task_limit >= 1 else task_limit)
+    res = eval_job(model, base=base, protocol=proto, data=data, progress=not quiet, device=device, tasks=task_list,
+                   task_limit=limit, num_fewshot=num_fewshot)
     if as_json:
         print(json.dumps(res, indent=2))
         return
@@ -172,6 +180,10 @@ def eval_cmd(
         line += (f"; KL(base‖model) {res['kl']:.5f} nats/token, top-1 agreement {res['top1_agreement']:.3f} "
                  "on the same windows")
     print(line)
+    for task, metrics in res.get("tasks", {}).items():
+        shown = ", ".join(f"{k} {v:.4f} ± {metrics.get(k + '_stderr', float('nan')):.4f}" for k, v in metrics.items()
+                          if not k.endswith("_stderr") and k != "sample_len" and isinstance(v, float))
+        print(f"lm-eval {task} ({metrics.get('sample_len', '?')} examples): {shown}")
 
 
 from lowbit.cli_options import GreedyListCommand, command_line  # noqa: E402  (typer-only)
@@ -196,6 +208,8 @@ def compare_cmd(
     budget_recipe: Optional[Path] = typer.Option(None, help="Recipe whose `quant` and `budget` sections (base method, option grid) the --budgets runs use (default: GPTQ with the default grid)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N: where each recipe's blocks and solver run, and where the models are evaluated (default: the CPU)."),
+    tasks: Optional[str] = typer.Option(None, help="lm-evaluation-harness tasks run on every model too, comma-separated (one accuracy column each; see `lowbit eval --tasks`)."),
+    task_limit: Optional[float] = typer.Option(None, help="lm-eval: the first N examples of each task (a fraction when < 1)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
     """Quantize MODEL with every recipe, evaluate all on the same WikiText-2 windows against the fp model,
@@ -216,6 +230,8 @@ def compare_cmd(
         model = str(build_reference(progress=not quiet))
     res = run_compare(model, named, out, proto, data=data, keep_models=keep_models, progress=not quiet,
                       command=command_line(ctx), device=device,
+                      tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+                      task_limit=None if task_limit is None else (int(task_limit) if task_limit >= 1 else task_limit),
                       on_run=lambda r: console.print(
                           f"{r['name']}: {r['bits_per_weight']:.3f} bits/weight, ppl {r['ppl']:.3f}, KL {r['kl']:.5f}"
                           + (" (saved run reused)" if r["resumed"] else f" ({r['quantize_seconds']:.1f} s + {r['eval_seconds']:.1f} s)"), soft_wrap=True))

@@ -226,13 +226,21 @@ def claim_dir(out: Path) -> dict | None:
         raise LowbitError(f"{manifest} is unreadable ({e}); choose another report directory") from None
 
 
+def task_columns(results: dict) -> dict:
+    """lm-eval results as row fields: `task:NAME` = accuracy (the report's columns), `lm_eval` = everything."""
+    if not results:
+        return {}
+    return {**{f"task:{t}": m.get("acc") for t, m in results.items()}, "lm_eval": results}
+
+
 class Comparison:
     """The fp model, its tokenizer and the test windows, loaded once; `run(name, recipe)` quantizes with
     quantize_job and evaluates the result against the fp model, or reuses a saved run."""
 
     def __init__(self, model_path: str, out_dir: str | Path, protocol: Protocol | None = None, *,
                  data: str | None = None, keep_models: bool = False, progress: bool = True,
-                 trust_remote_code: bool = False, isolate: bool = False, device: str | None = None):
+                 trust_remote_code: bool = False, isolate: bool = False, device: str | None = None,
+                 tasks: list[str] | None = None, task_limit: int | float | None = None):
         from lowbit.devices import resolve_device
         from lowbit.io.native import load_model
         from lowbit.eval.evaluate import base_outputs, protocol_windows
@@ -257,9 +265,12 @@ class Comparison:
         self.dtype = _stored_dtype(model_path, self.model)
         self.base_key = (model_key(model_path) if Path(model_path).is_dir()
                          else f"{Path(str(model_path)).name}-{self.fingerprint[:12]}")
+        self.tasks, self.task_limit = list(tasks or []), task_limit
         self._eval_key = {"model": self.model_path, "model_fingerprint": self.fingerprint,
                           "windows": tensor_sha(self.windows), "protocol": self.protocol.model_dump(),
                           "data": _data_source(data), "lowbit": lowbit.__version__}
+        if self.tasks:  # (absent without tasks: the keys of runs saved before lm-eval columns stay valid)
+            self._eval_key["lm_eval"] = {"tasks": self.tasks, "limit": task_limit}
         if self.device is not None:  # the base's outputs once on the device; the host copy is all that stays
             self.model.to(self.device)
         self.base = base_outputs(self.model, self.base_key, self.windows, self.protocol, progress)
@@ -304,6 +315,14 @@ class Comparison:
                "bits_per_weight": float(bits), "bpw_codes": float(bits), "bpw_meta": 0.0, "bpw_outliers": 0.0,
                "bpw_lowrank": 0.0, "ppl": ev.ppl, "kl": 0.0, "top1_agreement": 1.0, "calibration": "—",
                "quantize_seconds": 0.0, "eval_seconds": 0.0}
+        if self.tasks:
+            from lowbit.eval.harness import run_tasks
+
+            if self.device is not None:
+                self.model.to(self.device)
+            row.update(task_columns(run_tasks(self.model, self.tokenizer, self.tasks, limit=self.task_limit,
+                                              batch_size=self.protocol.batch_size, data=self.data)))
+            self.model.to("cpu")
         atomic_write_text(path, json.dumps({"format": FORMAT, "key": key, "result": row,
                                             "provenance": self.provenance}, indent=2) + "\n")
         return {**row, "resumed": False}
@@ -332,7 +351,8 @@ class Comparison:
                                    device=self.device)
         model, qweights, info = load_quantized(model_dir, trust_remote_code=self.trust_remote_code)
         ev = eval_job(name, model=model, tokenizer=self.tokenizer, base_model=self.model, base_key=self.base_key,
-                      windows=self.windows, protocol=self.protocol, progress=self.progress, device=self.device)
+                      windows=self.windows, protocol=self.protocol, progress=self.progress, device=self.device,
+                      tasks=self.tasks or None, task_limit=self.task_limit)
         eval_seconds = ev["eval_seconds"]
         saved_recipe = info["provenance"].get("recipe") or recipe.model_dump(mode="json")  # a budget's plan
         c, windows = recipe.calibration, summary.get("calibration_windows")
@@ -344,7 +364,7 @@ class Comparison:
                "ppl": ev["ppl"], "kl": ev["kl"], "top1_agreement": ev["top1_agreement"], "calibration": calib_note,
                "quantize_seconds": summary["quantize_seconds"], "eval_seconds": eval_seconds,
                "peak_memory_mb": summary.get("peak_memory_mb"),
-               "n_layers": len(qweights)}
+               "n_layers": len(qweights), **task_columns(ev.get("tasks", {}))}
         del model, qweights
         if (model_dir / "plan.yaml").is_file():  # a budgeted run: keep its plan beside the result
             atomic_write_text(runs / f"{name}.plan.yaml", (model_dir / "plan.yaml").read_text())
@@ -402,11 +422,13 @@ class Comparison:
 def run_compare(model_path: str, named: Sequence[tuple[str, Recipe]], out_dir: str | Path,
                 protocol: Protocol | None = None, *, data: str | None = None, keep_models: bool = False,
                 progress: bool = True, command: str | None = None, trust_remote_code: bool = False,
-                on_run: Callable[[dict], None] | None = None, isolate: bool = False, device: str | None = None) -> dict:
+                on_run: Callable[[dict], None] | None = None, isolate: bool = False, device: str | None = None,
+                tasks: list[str] | None = None, task_limit: int | float | None = None) -> dict:
     """Run every recipe (reusing saved runs), then write report.md, report.html and pareto.png over
     these runs and every other finished run of the directory made under the same evaluation. Returns {"rows", "baseline", "paths"}; `on_run` sees each row as it is done. `isolate`: each
     quantization runs as its own `lowbit quantize` process (honest peak memory per run). `device`:
-    `lowbit.devices.resolve_device` (default: the CPU), for quantization and evaluation."""
+    `lowbit.devices.resolve_device` (default: the CPU), for quantization and evaluation. `tasks`:
+    lm-evaluation-harness tasks run on every model too (one accuracy column each; `task_limit` examples)."""
     from lowbit.eval.compare_report import write_report
 
     if not named:
@@ -414,7 +436,8 @@ def run_compare(model_path: str, named: Sequence[tuple[str, Recipe]], out_dir: s
     named = unique_names(named)
     t0 = time.perf_counter()
     cmp = Comparison(model_path, out_dir, protocol, data=data, keep_models=keep_models, progress=progress,
-                     trust_remote_code=trust_remote_code, isolate=isolate, device=device)
+                     trust_remote_code=trust_remote_code, isolate=isolate, device=device, tasks=tasks,
+                     task_limit=task_limit)
     baseline = cmp.baseline()
     rows = []
     for name, recipe in named:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from lowbit import data as datasets
 from lowbit.errors import LowbitError
 from lowbit.eval.protocol import Protocol
 from lowbit.io.atomic import atomic_write_text
@@ -21,17 +20,11 @@ from lowbit.recipe import Recipe
 
 
 def calibration_data(recipe: Recipe, tokenizer, model, data: str | None = None) -> torch.Tensor:
+    from lowbit.calibration import calibration_windows
+
     c = recipe.calibration
     seqlen = c.seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    if c.dataset == "c4":
-        docs = datasets.c4_split("calib", data)
-    elif c.dataset == "wikitext2-valid":
-        docs = [datasets.wikitext2_valid_text(data)]
-    else:
-        if not c.path:
-            raise LowbitError("calibration dataset 'text' needs calibration.path (or --calib-file)")
-        docs = [datasets.text_file(c.path)]
-    return datasets.calibration_windows(tokenizer, docs, c.n_samples, seqlen, c.seed)
+    return calibration_windows(c, tokenizer, seqlen, data)
 
 
 def checkpoint_dir_for(out: Path) -> Path:
@@ -263,10 +256,13 @@ def model_device_of(model) -> torch.device:
 
 def eval_job(model_path: str, *, base: str | None = None, protocol: Protocol | None = None,
              data: str | None = None, progress: bool = True, model=None, tokenizer=None, base_model=None,
-             base_key: str | None = None, windows: torch.Tensor | None = None, device: str | None = None) -> dict:
+             base_key: str | None = None, windows: torch.Tensor | None = None, device: str | None = None,
+             tasks: list[str] | None = None, task_limit: int | float | None = None,
+             num_fewshot: int | None = None) -> dict:
     """Perplexity of the model at `model_path` under `protocol` (default: the `full` profile) and, with a
     base model (`base` path or `base_model` + `base_key`), KL(base ‖ model) and top-1 agreement on the
-    same windows. Pre-loaded models and tokenized `windows` (`eval.evaluate.protocol_windows`) avoid reloading."""
+    same windows. Pre-loaded models and tokenized `windows` (`eval.evaluate.protocol_windows`) avoid reloading.
+    `tasks`: lm-evaluation-harness tasks run on the same model too (`lowbit.eval.harness`), under "tasks"."""
     from lowbit.eval.evaluate import base_outputs, evaluate, protocol_windows
     from lowbit.eval.protocol import get_protocol, model_key
     from lowbit.io.native import load_model
@@ -300,4 +296,9 @@ def eval_job(model_path: str, *, base: str | None = None, protocol: Protocol | N
     out.update({"tokenizer": getattr(tokenizer, "name_or_path", "?"), "protocol": protocol.model_dump()})
     if ref is not None:
         out["kl_windows"] = res.n_windows
+    if tasks:
+        from lowbit.eval.harness import run_tasks
+
+        out["tasks"] = run_tasks(model, tokenizer, tasks, limit=task_limit, num_fewshot=num_fewshot,
+                                 batch_size=protocol.batch_size, data=data)
     return out

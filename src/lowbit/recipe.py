@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -33,11 +32,19 @@ class CalibrationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["c4", "wikitext2-valid", "text"] = "c4"
-    path: str | None = None  # for dataset == "text"
+    dataset: str = "c4"  # c4 | wikitext2-valid | text | jsonl | hf:NAME[:SPLIT] (lowbit.calibration)
+    path: str | None = None  # for dataset text / jsonl
+    chat: bool = False  # render every example through the tokenizer's chat template
     n_samples: int = Field(128, ge=1)
     seqlen: int | None = Field(DEFAULT_SEQLEN, ge=8)  # None: min(2048, the model's max positions)
     seed: int = 0
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from lowbit.calibration import check_dataset
+
+        return check_dataset(v)
 
 
 class Override(BaseModel):

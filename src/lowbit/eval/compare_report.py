@@ -29,6 +29,13 @@ COLUMNS = [("recipe", "name"), ("setting", "setting"), ("bits/weight", "bits_per
            ("peak MB", "peak_memory_mb"), ("eval s", "eval_seconds")]
 
 
+def columns(table: list[dict]) -> list[tuple[str, str]]:
+    """COLUMNS, with one accuracy column per lm-eval task any row carries (`task:NAME` keys), after top-1."""
+    tasks = sorted({k for r in table for k in r if k.startswith("task:")})
+    i = next(j for j, (_, k) in enumerate(COLUMNS) if k == "top1_agreement") + 1
+    return [*COLUMNS[:i], *((f"{t[5:]} acc", t) for t in tasks), *COLUMNS[i:]]
+
+
 def with_fronts(rows: list[dict], baseline: dict) -> list[dict]:
     """Rows sorted by bits per weight (fp row included) with `front_kl` / `front_ppl` flags; the fronts
     are taken over the quantized runs only (the fp row is the 0-KL end point, not a competitor)."""
@@ -80,11 +87,12 @@ def _notes(info: dict, rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def markdown(table: list[dict], info: dict) -> str:
-    head = [h for h, _ in COLUMNS]
+    cols = columns(table)
+    head = [h for h, _ in cols]
     lines = [f"# lowbit compare: {Path(info['model']).name}", "", "```", info.get("command") or "(Python API)",
              "```", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in table:
-        lines.append("| " + " | ".join(fmt(r.get(k)).replace("|", "\\|") for _, k in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt(r.get(k)).replace("|", "\\|") for _, k in cols) + " |")
     lines += ["", "![KL and perplexity against bits per weight](pareto.png)", ""]
     lines += [f"- **{k}**: {v}" for k, v in _notes(info, table)]
     lines += ["", "## Recipes", ""]
@@ -99,11 +107,11 @@ def html_page(table: list[dict], info: dict, png: bytes) -> str:
            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
            "td.n{text-align:right}tr.front{background:#e8f4e8}tr.fp{color:#555}pre{background:#f4f4f4;padding:8px;"
            "overflow-x:auto}img{max-width:100%}")
-    rows = []
+    rows, cols = [], columns(table)
     for r in table:
         cls = "fp" if r.get("baseline") else "front" if r.get("front_kl") else ""
         cells = "".join(f"<td class='n'>{e(fmt(r.get(k)))}</td>" if isinstance(r.get(k), (int, float))
-                        and not isinstance(r.get(k), bool) else f"<td>{e(fmt(r.get(k)))}</td>" for _, k in COLUMNS)
+                        and not isinstance(r.get(k), bool) else f"<td>{e(fmt(r.get(k)))}</td>" for _, k in cols)
         rows.append(f"<tr class='{cls}'>{cells}</tr>")
     notes = "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in _notes(info, table))
     recipes = "".join(f"<h3>{e(n)}</h3><pre>{e(yaml.safe_dump(r, sort_keys=False))}</pre>"
@@ -111,7 +119,7 @@ def html_page(table: list[dict], info: dict, png: bytes) -> str:
     title = f"lowbit compare: {Path(info['model']).name}"
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{css}</style>"
             f"</head><body><h1>{e(title)}</h1><pre>{e(info.get('command') or '(Python API)')}</pre>"
-            f"<table><tr>{''.join(f'<th>{e(h)}</th>' for h, _ in COLUMNS)}</tr>{''.join(rows)}</table>"
+            f"<table><tr>{''.join(f'<th>{e(h)}</th>' for h, _ in cols)}</tr>{''.join(rows)}</table>"
             f"<p>Green rows: on the KL Pareto front.</p>"
             f"<img alt='KL and perplexity against bits per weight' src='data:image/png;base64,"
             f"{base64.b64encode(png).decode()}'><ul>{notes}</ul><h2>Recipes</h2>{recipes}</body></html>\n")

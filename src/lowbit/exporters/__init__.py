@@ -14,8 +14,12 @@ FORMATS = ("compressed-tensors", "gptq", "peft-lora", "gguf", "dequantized")
 
 def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None = None, overwrite: bool = False,
            lowrank_adapter: bool = False, gguf_type: str | None = None, base: str | None = None,
-           eval_json: str | Path | None = None) -> Path:
-    """Export the lowbit output `source` to `out` in format `fmt`; returns `out`."""
+           eval_json: str | Path | None = None, imatrix: bool = False, calib_samples: int = 128,
+           data: str | None = None) -> Path:
+    """Export the lowbit output `source` to `out` in format `fmt`; returns `out`. With `fmt` gguf and a
+    K-quant `gguf_type` (Q4_K_M, Q4_K_S, Q6_K, Q8_0), `source` is an unquantized model whose float weights
+    are quantized into K-quant blocks (`exporters.gguf_kquants`), with `imatrix`: block scales fitted to
+    the activations of `calib_samples` calibration windows."""
     import torch
 
     from lowbit.exporters.common import DTYPES, load_source
@@ -28,6 +32,12 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
     out = Path(out)
     if out.exists() and not overwrite:  # before the (slow) load
         raise LowbitError(f"output directory {out} exists; pass --overwrite")
+    from lowbit.exporters.gguf_kquants import MIXES
+
+    if fmt == "gguf" and gguf_type in MIXES:
+        return _kquants(source, out, gguf_type, imatrix, calib_samples, data, overwrite)
+    if imatrix:
+        raise LowbitError("--imatrix applies to the K-quant GGUF types (--gguf-type Q4_K_M | Q4_K_S | Q6_K | Q8_0)")
     src = load_source(source, eval_json)
     if fmt == "compressed-tensors":
         from lowbit.exporters.compressed_tensors import export_compressed_tensors
@@ -49,3 +59,22 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
 
     return export_dequantized(src, out, dtype=td or torch.float16, overwrite=overwrite,
                               lowrank_adapter=lowrank_adapter)
+
+
+def _kquants(source, out: Path, mix: str, imatrix: bool, calib_samples: int, data, overwrite: bool) -> Path:
+    from lowbit.exporters.gguf_kquants import collect_imatrix, export_gguf_kquants
+
+    imat = None
+    if imatrix:
+        from lowbit.io.native import load_model
+        from lowbit.jobs import calibration_data
+        from lowbit.recipe import make_recipe
+
+        model, tok = load_model(str(source))
+        if tok is None:
+            raise LowbitError(f"{source} has no tokenizer files; the imatrix needs calibration text")
+        recipe = make_recipe({"calibration": {"n_samples": calib_samples}})
+        imat = collect_imatrix(model, calibration_data(recipe, tok, model, data))
+        del model
+    export_gguf_kquants(source, out, mix, imatrix=imat, overwrite=overwrite)
+    return out

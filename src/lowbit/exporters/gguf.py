@@ -125,10 +125,54 @@ def _tokenizer_metadata(w, path: Path) -> bool:
     return True
 
 
-def export_gguf(src: Source, out: Path, *, tensor_type: str | None = None, overwrite: bool = False,
-                lowrank_adapter: bool = False) -> Path:
+def write_llama_gguf(path: Path, c: dict, model_dir: Path, tensors: list[tuple[str, np.ndarray, str | None]],
+                     file_type: str) -> None:
+    """One LLaMA-family GGUF file: hyperparameters from the HF config `c`, the tokenizer of `model_dir`, and
+    `tensors` as (HF name, array, ggml type or None for a float array; a block type's array is its bytes,
+    one row per weight row). Q/K rows are permuted as llama.cpp's converter does."""
     import gguf
 
+    n_head = c["num_attention_heads"]
+    n_kv = c.get("num_key_value_heads") or n_head
+    head_dim = c.get("head_dim") or c["hidden_size"] // n_head
+    rope = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(Path(model_dir).name)
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(rope))
+    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
+    w.add_vocab_size(c["vocab_size"])
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{file_type}"))
+    if _tokenizer_metadata(w, Path(model_dir)):
+        for key, fn in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                        ("pad_token_id", w.add_pad_token_id)):
+            v = c.get(key)
+            if isinstance(v, int):
+                fn(v)
+    for hf, a, qtype in tensors:
+        name = gguf_name(hf)
+        if name is None:
+            raise LowbitError(f"cannot export tensor {hf} to gguf: no llama.cpp name for it")
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            a = _permute_rows(a, n_head if ".attn_q." in name else n_kv)
+        if qtype is None:
+            w.add_tensor(name, np.ascontiguousarray(a))
+        else:
+            w.add_tensor(name, np.ascontiguousarray(a), raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def export_gguf(src: Source, out: Path, *, tensor_type: str | None = None, overwrite: bool = False,
+                lowrank_adapter: bool = False) -> Path:
     from lowbit.io.atomic import atomic_dir
     from lowbit.io.native import write_tokenizer
 
@@ -149,56 +193,11 @@ def export_gguf(src: Source, out: Path, *, tensor_type: str | None = None, overw
         except ValueError as e:
             raise refuse("gguf", name, f"cannot be stored exactly: {e}", "use --format compressed-tensors or "
                          "dequantized (and llama-quantize to re-quantize, which changes the weights)") from None
-    c = src.config
-    n_head = c["num_attention_heads"]
-    n_kv = c.get("num_key_value_heads") or n_head
-    head_dim = c.get("head_dim") or c["hidden_size"] // n_head
-    rope = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     counts = Counter(types.values())
     main = counts.most_common(1)[0][0]
     plain = plain_tensors(src, torch.float32)
-
-    def write(f: Path) -> None:
-        w = gguf.GGUFWriter(str(f), arch)
-        w.add_name(src.path.name)
-        w.add_context_length(c["max_position_embeddings"])
-        w.add_embedding_length(c["hidden_size"])
-        w.add_block_count(c["num_hidden_layers"])
-        w.add_feed_forward_length(c["intermediate_size"])
-        w.add_head_count(n_head)
-        w.add_head_count_kv(n_kv)
-        w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(float(rope))
-        w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-        w.add_vocab_size(c["vocab_size"])
-        w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main}"))
-        if _tokenizer_metadata(w, src.path):
-            for key, fn in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                            ("pad_token_id", w.add_pad_token_id)):
-                v = c.get(key)
-                if isinstance(v, int):
-                    fn(v)
-        for hf, t in plain.items():
-            name = gguf_name(hf)
-            if name is None:
-                raise LowbitError(f"cannot export tensor {hf} to gguf: no llama.cpp name for it")
-            a = t.numpy()
-            if name.endswith(("attn_q.weight", "attn_k.weight")):
-                a = _permute_rows(a, n_head if ".attn_q." in name else n_kv)
-            w.add_tensor(name, np.ascontiguousarray(a))
-        for hf, qw in src.qweights.items():
-            name = gguf_name(f"{hf}.weight")
-            if name is None:
-                raise LowbitError(f"cannot export layer {hf} to gguf: no llama.cpp name for it")
-            a = block_bytes(qw, types[hf])
-            if name.endswith(("attn_q.weight", "attn_k.weight")):
-                a = _permute_rows(a, n_head if ".attn_q." in name else n_kv)
-            w.add_tensor(name, np.ascontiguousarray(a), raw_dtype=getattr(gguf.GGMLQuantizationType, types[hf]))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-
+    tensors = [(hf, t.numpy(), None) for hf, t in plain.items()]
+    tensors += [(f"{hf}.weight", block_bytes(qw, types[hf]), types[hf]) for hf, qw in src.qweights.items()]
     bpb = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
     n = sum(q.shape[0] * q.shape[1] for q in src.qweights.values())
     file_bits = sum(q.shape[0] * q.shape[1] // BLOCK * bpb[types[k]] * 8 for k, q in src.qweights.items()) / n
@@ -213,7 +212,7 @@ def export_gguf(src: Source, out: Path, *, tensor_type: str | None = None, overw
     if out.resolve() == src.path.resolve():
         raise LowbitError(f"output directory {out} is the input; choose another one")
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write(tmp / "model.gguf")
+        write_llama_gguf(tmp / "model.gguf", src.config, src.path, tensors, main)
         write_tokenizer(src.path, tmp)
         (tmp / "README.md").write_text(card)
     return out

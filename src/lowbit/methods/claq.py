@@ -217,7 +217,9 @@ def claq_quantize(W: torch.Tensor, hessian: torch.Tensor, cfg: ClaqConfig, *, fe
     check_weight(W)
     check_hessian(hessian, W.shape[1])
     Wf, H, perm = prepare_hessian(W.to(dtype), hessian.to(dtype), cfg.act_order, cfg.damp_percent)
-    U = inverse_cholesky_upper(H)
+    box = [H]
+    del H  # needed only until its factor exists
+    U = inverse_cholesky_upper(box)
     order = column_ranking(Wf, U, cfg.ap_metric, cfg.outlier_threshold)
     grid = ClaqColumnGrid(adaptive_bits(order, cfg), outlier_tails(order, cfg, W.shape[0]), cfg,
                           row_scales(Wf, cfg.row_scale))

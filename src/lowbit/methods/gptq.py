@@ -34,25 +34,34 @@ from lowbit.methods.validate import check_hessian, check_weight
 
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp_percent: float):
-    """Dead-column fix, act-order permutation and dampening. Returns (W, H, perm or None) in sweep order."""
-    W, H = W.clone(), H.clone()
+    """Dead-column fix, act-order permutation and dampening. Returns (W, H, perm or None) in sweep order.
+    W and H are not modified; H's one copy is the permuted one (no extra d×d clone before it)."""
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        d = torch.diag(H).clone()
+        d[dead] = 1  # the dead fix's diagonal, which the order is taken from
+        perm = torch.argsort(d, descending=True, stable=True)
+        W, H, dead = W[:, perm], H.index_select(0, perm).index_select(1, perm), dead[perm]
+    else:
+        W, H = W.clone(), H.clone()
+    H[dead, dead] = 1
+    W[:, dead] = 0
     damp = damp_percent * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
     return W, H, perm
 
 
-def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
-    """U with H⁻¹ = UᵀU (upper Cholesky factor of the inverse), as in the reference code."""
+def inverse_cholesky_upper(H: torch.Tensor | list) -> torch.Tensor:
+    """U with H⁻¹ = UᵀU (upper Cholesky factor of the inverse), as in the reference code.
+
+    Pass `[H]` (a one-element list the caller does not keep) to let H go as soon as its factor exists:
+    then at most two d×d matrices are alive at once (for a 8640-wide down_proj each is 300 MB)."""
+    box = H if isinstance(H, list) else [H]
     try:
-        L = torch.linalg.cholesky(H)
+        L = torch.linalg.cholesky(box.pop())
         Hinv = torch.cholesky_inverse(L)
+        del L
         return torch.linalg.cholesky(Hinv, upper=True)
     except torch.linalg.LinAlgError as e:
         raise LowbitError(
@@ -102,7 +111,9 @@ def gptq_quantize(W: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig,
     check_weight(W)
     check_hessian(hessian, W.shape[1])
     Wf, H, perm = prepare_hessian(W.to(dtype), hessian.to(dtype), config.act_order, config.damp_percent)
-    U = inverse_cholesky_upper(H)
+    box = [H]
+    del H  # the damped copy is needed only until its factor exists
+    U = inverse_cholesky_upper(box)
     inv = None if perm is None else torch.argsort(perm)
     # Static params come from W in original column order (the dead-fixed W, before the sweep mutates it).
     W0 = Wf if inv is None else Wf[:, inv]
