@@ -42,14 +42,15 @@ def test_blocks_decode_as_gguf_decodes_them(qtype):
     assert torch.equal(ours, _ref_decode(data, qtype).reshape(24, 512))
     assert torch.equal(ours[1], torch.zeros(512))
     snr = -10 * torch.log10((ours - W).square().sum() / W.square().sum())
-    floor = {"Q4_K": 19.0, "Q5_0": 24.0, "Q6_K": 30.0, "Q8_0": 38.0}[qtype]  # dB on these rows
+    floor = {"Q4_K": 19.0, "Q5_K": 25.0, "Q5_0": 24.0, "Q5_1": 25.0, "Q6_K": 30.0, "Q8_0": 38.0}[qtype]  # dB on these rows
     assert snr > floor, f"{qtype}: SQNR {snr:.1f} dB"
 
 
 def test_more_bits_never_raise_the_error():
     W = _weights(1)
-    err = {t: float((K.decode(K.encode(W, t), t, 512) - W).square().sum()) for t in ("Q4_K", "Q5_0", "Q6_K", "Q8_0")}
+    err = {t: float((K.decode(K.encode(W, t), t, 512) - W).square().sum()) for t in K.BLOCKS}
     assert err["Q4_K"] > err["Q5_0"] > err["Q6_K"] > err["Q8_0"]
+    assert err["Q4_K"] > err["Q5_K"] > err["Q6_K"] and err["Q5_0"] > err["Q5_1"]
 
 
 def test_fit_is_no_worse_than_the_reference_quantizer():
@@ -63,7 +64,7 @@ def test_fit_is_no_worse_than_the_reference_quantizer():
         assert (ours - W).square().sum() <= (ref.reshape(W.shape) - W).square().sum() * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q5_0"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"])
 def test_importance_lowers_the_weighted_error(qtype):
     """With a skewed importance per column, the fit made for it has a lower Σ imp·(w − ŵ)² than the default."""
     W = _weights(3)
@@ -113,6 +114,8 @@ def test_mix_rules():
     assert block_type_for("model.layers.2.self_attn.q_proj.weight", 576, "Q4_K_M", 16, True) == "Q5_0"  # fallback
     assert block_type_for("model.embed_tokens.weight", 576, "Q4_K_M", 16, True) == "Q8_0"  # tied output
     assert block_type_for("model.embed_tokens.weight", 512, "Q4_K_M", 16, False) == "Q4_K"
+    assert block_type_for("model.layers.3.mlp.up_proj.weight", 576, "Q5_K_S", 16, True) == "Q5_1"
+    assert block_type_for("model.layers.4.self_attn.v_proj.weight", 512, "Q5_K_M", 16, True) == "Q6_K"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
            eval_json: str | Path | None = None, imatrix: bool = False, calib_samples: int = 128,
            data: str | None = None) -> Path:
     """Export the lowbit output `source` to `out` in format `fmt`; returns `out`. With `fmt` gguf and a
-    K-quant `gguf_type` (Q4_K_M, Q4_K_S, Q6_K, Q8_0), `source` is an unquantized model whose float weights
+    K-quant `gguf_type` (Q4_K_M/S, Q5_K_M/S, Q6_K, Q8_0), `source` is an unquantized model whose float weights
     are quantized into K-quant blocks (`exporters.gguf_kquants`), with `imatrix`: block scales fitted to
     the activations of `calib_samples` calibration windows."""
     import torch
@@ -34,10 +34,13 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
         raise LowbitError(f"output directory {out} exists; pass --overwrite")
     from lowbit.exporters.gguf_kquants import MIXES
 
-    if fmt == "gguf" and gguf_type in MIXES:
+    # Q8_0 is both a block lowbit's 8-bit grids fit (a lowbit output: its own codes) and a K-quant mix
+    # (an unquantized model: quantized here)
+    lowbit_output = (Path(source) / "lowbit.json").is_file()
+    if fmt == "gguf" and gguf_type in MIXES and not (lowbit_output and gguf_type == "Q8_0"):
         return _kquants(source, out, gguf_type, imatrix, calib_samples, data, overwrite)
     if imatrix:
-        raise LowbitError("--imatrix applies to the K-quant GGUF types (--gguf-type Q4_K_M | Q4_K_S | Q6_K | Q8_0)")
+        raise LowbitError("--imatrix applies to the K-quant GGUF types (--gguf-type Q4_K_M | Q4_K_S | Q5_K_M | Q5_K_S | Q6_K | Q8_0)")
     src = load_source(source, eval_json)
     if fmt == "compressed-tensors":
         from lowbit.exporters.compressed_tensors import export_compressed_tensors

@@ -18,8 +18,9 @@ def export_cmd(
                                          "the factors as a PEFT LoRA adapter in OUT/lora_adapter."),
     gguf_type: Optional[str] = typer.Option(None, help="GGUF block type of a lowbit output: Q4_0 | Q4_1 | Q8_0 "
                                             "(default: the one that fits the grid exactly); or a K-quant mix made "
-                                            "from an unquantized model: Q4_K_M | Q4_K_S | Q6_K | Q8_0 (rows not a "
-                                            "multiple of 256 fall back to Q5_0 / Q8_0, as in llama.cpp)."),
+                                            "from an unquantized model: Q4_K_M | Q4_K_S | Q5_K_M | Q5_K_S | Q6_K | "
+                                            "Q8_0 (rows not a multiple of 256 fall back to Q5_0 / Q5_1 / Q8_0, as in "
+                                            "llama.cpp)."),
     imatrix: bool = typer.Option(False, help="K-quant mixes: fit every block's scales to an importance matrix "
                                  "(mean x² per input column of each layer) from calibration windows."),
     calib_samples: int = typer.Option(128, help="--imatrix: calibration windows (512 tokens of C4)."),

@@ -1,4 +1,4 @@
-"""`gguf` with K-quant mixes (Q4_K_M, Q4_K_S, Q6_K, Q8_0) from an unquantized model, block scales fitted
+"""`gguf` with K-quant mixes (Q4_K_M/S, Q5_K_M/S, Q6_K, Q8_0) from an unquantized model, block scales fitted
 to an importance matrix taken from lowbit's calibration data.
 
 llama.cpp users run K-quants; this writes them directly (`lowbit export MODEL -f gguf --gguf-type Q4_K_M
@@ -10,10 +10,11 @@ Which block type each tensor gets follows llama.cpp's `llama_tensor_get_type` fo
   last eighth of the blocks and every third one between: i < n/8, i ≥ 7n/8, (i − n/8) mod 3 = 2) and for
   the output matrix (the token embedding when the output is tied to it);
 * Q4_K_S: Q4_K everywhere, the output Q6_K;
+* Q5_K_M / Q5_K_S: the same with Q5_K in place of Q4_K;
 * Q6_K / Q8_0: that type everywhere.
 
 A row whose length is not a multiple of 256 cannot hold K-quant super-blocks; like llama.cpp, it falls back
-to a 32-weight type: Q4_K → Q5_0, Q6_K → Q8_0. (SmolLM2's 576-wide layers therefore become Q5_0 under
+to a 32-weight type: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0. (SmolLM2's 576-wide layers therefore become Q5_0 under
 Q4_K_M; only its 1536-wide ffn_down holds K-quants.) Norms stay F32.
 
 Importance matrix (`imatrix`): per quantized layer, the mean of x² per input column over the calibration
@@ -35,8 +36,8 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import kquants
 
-MIXES = ("Q4_K_M", "Q4_K_S", "Q6_K", "Q8_0")
-FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0", "Q5_0": "Q5_0", "Q8_0": "Q8_0"}
+MIXES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0")
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q8_0": "Q8_0"}
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -50,10 +51,11 @@ def tensor_type(hf_name: str, mix: str, n_layers: int, tied: bool) -> str:
     output = hf_name == "lm_head.weight" or (tied and hf_name == "model.embed_tokens.weight")
     if output:
         return "Q6_K"
-    if mix == "Q4_K_M" and (".self_attn.v_proj." in hf_name or ".mlp.down_proj." in hf_name):
+    base = mix[:4]  # Q4_K | Q5_K
+    if mix.endswith("_M") and (".self_attn.v_proj." in hf_name or ".mlp.down_proj." in hf_name):
         i = int(hf_name.split(".")[2])
-        return "Q6_K" if use_more_bits(i, n_layers) else "Q4_K"
-    return "Q4_K"
+        return "Q6_K" if use_more_bits(i, n_layers) else base
+    return base
 
 
 def block_type_for(hf_name: str, cols: int, mix: str, n_layers: int, tied: bool) -> str:
@@ -136,7 +138,7 @@ def export_gguf_kquants(model_dir: str | Path, out: str | Path, mix: str = "Q4_K
             bits += t.numel() * kquants.bits_per_weight(qtype)
             params += t.numel()
     counts = Counter(types.values())
-    main = "Q4_K_M" if mix == "Q4_K_M" else ("Q4_K_S" if mix == "Q4_K_S" else mix)
+    main = mix
     summary = {"mix": mix, "types": dict(counts), "imatrix": imatrix is not None,
                "bits_per_weight": bits / params if params else 0.0, "tensor_types": types}
     with atomic_dir(out, overwrite=overwrite) as tmp:
