@@ -29,7 +29,8 @@ def export_cmd(
     eval_json: Optional[Path] = typer.Option(None, help="Evaluation figures for the model card (`lowbit eval --json`)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ):
-    """Export a lowbit output to a format other runtimes load; refuses formats that cannot hold it exactly."""
+    """Export a lowbit output to a format other runtimes load; refuses formats that cannot hold it exactly.
+    With a K-quant --gguf-type (Q4_K_M, ...), SOURCE is an unquantized model quantized into ggml blocks."""
     from lowbit.exporters import export
 
     path = export(source, fmt, out, dtype=dtype, overwrite=overwrite, lowrank_adapter=lowrank_adapter,
