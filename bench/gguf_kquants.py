@@ -56,7 +56,7 @@ def main() -> None:
             name = f"{mix}{'-imatrix' if use else ''}"
             out = Path(f"/tmp/lowbit-gguf-{name}")
             t0 = time.perf_counter()
-            s = export_gguf_kquants(ref, out, mix, imatrix=imatrix if use else None, overwrite=True)
+            s = export_gguf_kquants(ref, out, mix, imatrix=imatrix if use else None, overwrite=True, model=base)
             export_s = time.perf_counter() - t0
             m = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
             ev = eval_job(name, model=m, tokenizer=tok, base_model=base, base_key=model_key(str(ref)),

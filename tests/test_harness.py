@@ -121,3 +121,8 @@ def test_compare_reports_task_accuracy_for_every_row(tiny_model_dir, tmp_path, s
     assert again["rows"][0]["resumed"] and again["rows"][0][col] == res["rows"][0][col]
     plain = run_compare(str(tiny_model_dir), named, tmp_path / "cmp", proto, progress=False)
     assert not plain["rows"][0]["resumed"] and col not in plain["rows"][0]
+
+
+def test_task_flags_parse():
+    assert harness.parse_tasks(" a, b ,,", None) == (["a", "b"], None)
+    assert harness.parse_tasks(None, 8.0) == (None, 8) and harness.parse_tasks(",", 0.25) == (None, 0.25)

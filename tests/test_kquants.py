@@ -178,6 +178,10 @@ def test_export_refuses_a_quantized_model_and_unknown_mix(tiny_model_dir, tmp_pa
                  progress=False)
     with pytest.raises(LowbitError, match="is a lowbit output"):
         export_gguf_kquants(tmp_path / "q", tmp_path / "x", "Q4_K_M")
+    from lowbit.exporters import export
+
+    with pytest.raises(LowbitError, match="made from the unquantized model"):  # the CLI's route
+        export(tmp_path / "q", "gguf", tmp_path / "x", gguf_type="Q4_K_M")
     assert not (tmp_path / "x").exists()
 
 

@@ -167,8 +167,9 @@ def eval_cmd(
             src = read_json(info, "lowbit output metadata").get("source_model")
             if src and Path(src).exists():
                 base = src
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    limit = None if task_limit is None else (int(task_limit) if task_limit >= 1 else task_limit)
+    from lowbit.eval.harness import parse_tasks
+
+    task_list, limit = parse_tasks(tasks, task_limit)
     res = eval_job(model, base=base, protocol=proto, data=data, progress=not quiet, device=device, tasks=task_list,
                    task_limit=limit, num_fewshot=num_fewshot)
     if as_json:
@@ -228,10 +229,11 @@ def compare_cmd(
         from lowbit.reference import build_reference
 
         model = str(build_reference(progress=not quiet))
+    from lowbit.eval.harness import parse_tasks
+
+    task_list, limit = parse_tasks(tasks, task_limit)
     res = run_compare(model, named, out, proto, data=data, keep_models=keep_models, progress=not quiet,
-                      command=command_line(ctx), device=device,
-                      tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
-                      task_limit=None if task_limit is None else (int(task_limit) if task_limit >= 1 else task_limit),
+                      command=command_line(ctx), device=device, tasks=task_list, task_limit=limit,
                       on_run=lambda r: console.print(
                           f"{r['name']}: {r['bits_per_weight']:.3f} bits/weight, ppl {r['ppl']:.3f}, KL {r['kl']:.5f}"
                           + (" (saved run reused)" if r["resumed"] else f" ({r['quantize_seconds']:.1f} s + {r['eval_seconds']:.1f} s)"), soft_wrap=True))

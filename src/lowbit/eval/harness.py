@@ -15,6 +15,7 @@ Results are lm-eval's numbers (`results[task]`), with their bootstrap standard e
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,17 @@ def _local_file(data: str | None) -> Path:
 
     docs = c4_continuation_docs(data)
     text = "".join(json.dumps(d) + "\n" for d in docs)
-    import hashlib
-
     path = cache_root() / "lm-eval" / f"{LOCAL_TASK}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)
     return path
+
+
+def parse_tasks(tasks: str | None, limit: float | None) -> tuple[list[str] | None, int | float | None]:
+    """The CLI's `--tasks a,b` and `--task-limit` (N examples, or a fraction when < 1)."""
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    return names or None, None if limit is None else (int(limit) if limit >= 1 else limit)
 
 
 def task_config(name: str, data: str | None = None) -> str | dict:

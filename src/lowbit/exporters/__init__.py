@@ -34,10 +34,9 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
         raise LowbitError(f"output directory {out} exists; pass --overwrite")
     from lowbit.exporters.gguf_kquants import MIXES
 
-    # Q8_0 is both a block lowbit's 8-bit grids fit (a lowbit output: its own codes) and a K-quant mix
-    # (an unquantized model: quantized here)
-    lowbit_output = (Path(source) / "lowbit.json").is_file()
-    if fmt == "gguf" and gguf_type in MIXES and not (lowbit_output and gguf_type == "Q8_0"):
+    # A lowbit output is written with its own codes; an unquantized model is quantized into K-quant blocks
+    # (Q8_0 names both: the block a symmetric 8-bit grid fits, and the mix made from float weights).
+    if fmt == "gguf" and gguf_type in MIXES and not (Path(source) / "lowbit.json").is_file():
         return _kquants(source, out, gguf_type, imatrix, calib_samples, data, overwrite)
     if imatrix:
         raise LowbitError("--imatrix applies to the K-quant GGUF types (--gguf-type Q4_K_M | Q4_K_S | Q5_K_M | Q5_K_S | Q6_K | Q8_0)")
@@ -67,7 +66,7 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
 def _kquants(source, out: Path, mix: str, imatrix: bool, calib_samples: int, data, overwrite: bool) -> Path:
     from lowbit.exporters.gguf_kquants import collect_imatrix, export_gguf_kquants
 
-    imat = None
+    imat = model = None
     if imatrix:
         from lowbit.io.native import load_model
         from lowbit.jobs import calibration_data
@@ -78,6 +77,5 @@ def _kquants(source, out: Path, mix: str, imatrix: bool, calib_samples: int, dat
             raise LowbitError(f"{source} has no tokenizer files; the imatrix needs calibration text")
         recipe = make_recipe({"calibration": {"n_samples": calib_samples}})
         imat = collect_imatrix(model, calibration_data(recipe, tok, model, data))
-        del model
-    export_gguf_kquants(source, out, mix, imatrix=imat, overwrite=overwrite)
+    export_gguf_kquants(source, out, mix, imatrix=imat, overwrite=overwrite, model=model)
     return out

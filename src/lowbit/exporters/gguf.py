@@ -177,8 +177,9 @@ def export_gguf(src: Source, out: Path, *, tensor_type: str | None = None, overw
     from lowbit.io.native import write_tokenizer
 
     if tensor_type is not None and tensor_type not in GGUF_TYPES:
-        raise LowbitError(f"unknown GGUF type {tensor_type!r}: lowbit writes {', '.join(GGUF_TYPES)} "
-                          "(the block types its grids fit exactly)")
+        raise LowbitError(f"unknown GGUF type {tensor_type!r} for a lowbit output: it is written with "
+                          f"{', '.join(GGUF_TYPES)} (the block types its grids fit exactly); K-quant mixes are "
+                          "made from the unquantized model (lowbit export MODEL -f gguf --gguf-type Q4_K_M)")
     arch = _ARCHS.get(src.config.get("model_type"))
     if arch is None:
         raise LowbitError(f"cannot export a {src.config.get('model_type')} model to gguf: lowbit writes the "

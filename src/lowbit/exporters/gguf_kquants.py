@@ -94,9 +94,10 @@ def collect_imatrix(model: nn.Module, windows: torch.Tensor, batch_size: int = 8
 
 def export_gguf_kquants(model_dir: str | Path, out: str | Path, mix: str = "Q4_K_M", *,
                         imatrix: dict[str, torch.Tensor] | None = None, overwrite: bool = False,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, model: nn.Module | None = None) -> dict:
     """Write `model_dir` (unquantized HF LLaMA-family model) as OUT/model.gguf in `mix`. Returns a summary:
-    block types, bits per weight of the decoder linears as stored, and whether an imatrix was used."""
+    block types, bits per weight of the decoder linears as stored, and whether an imatrix was used.
+    `model`: the model of `model_dir` already loaded (it is only read), to spare loading it again."""
     from lowbit.exporters.gguf import _ARCHS, write_llama_gguf
     from lowbit.io.atomic import atomic_dir
     from lowbit.io.native import load_model, write_tokenizer
@@ -107,7 +108,8 @@ def export_gguf_kquants(model_dir: str | Path, out: str | Path, mix: str = "Q4_K
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"output directory {out} exists; pass --overwrite")
-    model, _ = load_model(str(model_dir))
+    if model is None:
+        model, _ = load_model(str(model_dir))
     if getattr(model, "_lowbit_quantized", False):
         raise LowbitError(f"{model_dir} is a lowbit output: K-quants are fitted to the float weights; pass the "
                           "unquantized model (a lowbit Q4_0/Q4_1/Q8_0-compatible output exports with --gguf-type "
@@ -138,11 +140,10 @@ def export_gguf_kquants(model_dir: str | Path, out: str | Path, mix: str = "Q4_K
             bits += t.numel() * kquants.bits_per_weight(qtype)
             params += t.numel()
     counts = Counter(types.values())
-    main = mix
     summary = {"mix": mix, "types": dict(counts), "imatrix": imatrix is not None,
                "bits_per_weight": bits / params if params else 0.0, "tensor_types": types}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_llama_gguf(tmp / "model.gguf", config, model_dir, tensors, main)
+        write_llama_gguf(tmp / "model.gguf", config, model_dir, tensors, mix)
         write_tokenizer(model_dir, tmp)
         (tmp / "lowbit-gguf.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -55,6 +55,24 @@ def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*x.shape, 2)
 
 
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """Q5_0 / Q5_1: the fifth bits of 32 codes [..., 32] as a little-endian 32-bit word, 4 bytes [..., 4]."""
+    qh = ((q.to(torch.int64) >> 4) << torch.arange(32)).sum(-1)
+    return torch.stack([(qh >> (8 * k)) & 255 for k in range(4)], dim=-1).to(torch.uint8)
+
+
+def _read_high_bits(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_high_bits`: 4 bytes [..., 4] → each code's fifth bit, already at 16 [..., 32]."""
+    h = sum(b[..., k].long() << (8 * k) for k in range(4))
+    return ((h[..., None] >> torch.arange(32)) & 1) << 4
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """32 codes [..., 32] → 16 bytes: q_j in the low and q_{j+16} in the high nibble of byte j."""
+    q = q.to(torch.int64)
+    return ((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).to(torch.uint8)
+
+
 def _wsum(w, a):
     return (w * a).sum(-1, keepdim=True)
 
@@ -207,22 +225,15 @@ def _encode_q5_0(x: torch.Tensor, imp: torch.Tensor | None) -> torch.Tensor:
     d = _h(fit_symmetric(x, _weights(x, imp), 16))  # [R, nb]
     step = d[..., None]
     q = torch.where(step != 0, torch.round(x / torch.where(step == 0, 1.0, step)), 0).clamp(-16, 15) + 16
-    q = q.to(torch.int64)
-    qs = ((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).to(torch.uint8)
-    qh = ((q >> 4) << torch.arange(32)).sum(-1)  # [R, nb] 32-bit little-endian
-    qh_bytes = torch.stack([(qh >> (8 * k)) & 255 for k in range(4)], dim=-1).to(torch.uint8)
-    return torch.cat([_fp16_bytes(d), qh_bytes, qs], dim=-1)
+    return torch.cat([_fp16_bytes(d), _high_bits(q), _nibbles(q)], dim=-1)
 
 
 def _encode_q5_1(x: torch.Tensor, imp: torch.Tensor | None) -> torch.Tensor:
     s, b = fit_affine(x, _weights(x, imp), 31, nonpositive_offset=False)
     d, m = _h(s), _h(b)
     step = d[..., None]
-    q = torch.where(step > 0, torch.round((x - m[..., None]) / step.clamp_min(1e-30)), 0).clamp(0, 31).to(torch.int64)
-    qs = ((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).to(torch.uint8)
-    qh = ((q >> 4) << torch.arange(32)).sum(-1)
-    qh_bytes = torch.stack([(qh >> (8 * k)) & 255 for k in range(4)], dim=-1).to(torch.uint8)
-    return torch.cat([_fp16_bytes(d), _fp16_bytes(m), qh_bytes, qs], dim=-1)
+    q = torch.where(step > 0, torch.round((x - m[..., None]) / step.clamp_min(1e-30)), 0).clamp(0, 31)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(m), _high_bits(q), _nibbles(q)], dim=-1)
 
 
 def _encode_q8_0(x: torch.Tensor, imp: torch.Tensor | None) -> torch.Tensor:
@@ -244,16 +255,12 @@ def decode(data: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     f16 = lambda t: t.contiguous().view(torch.float16).float().squeeze(-1)  # noqa: E731
     if qtype == "Q8_0":
         return (f16(b[..., :2])[..., None] * b[..., 2:].contiguous().view(torch.int8).float()).reshape(rows, cols)
-    if qtype == "Q5_0":
-        d, qh, qs = f16(b[..., :2]), b[..., 2:6].long(), b[..., 6:].long()
-        h = sum(qh[..., k] << (8 * k) for k in range(4))
-        lo = torch.cat([qs & 15, qs >> 4], dim=-1)
-        q = lo | (((h[..., None] >> torch.arange(32)) & 1) << 4)
-        return (d[..., None] * (q - 16).float()).reshape(rows, cols)
-    if qtype == "Q5_1":
-        d, m, qh, qs = f16(b[..., :2]), f16(b[..., 2:4]), b[..., 4:8].long(), b[..., 8:].long()
-        h = sum(qh[..., k] << (8 * k) for k in range(4))
-        q = torch.cat([qs & 15, qs >> 4], dim=-1) | (((h[..., None] >> torch.arange(32)) & 1) << 4)
+    if qtype in ("Q5_0", "Q5_1"):
+        d, m = f16(b[..., :2]), (f16(b[..., 2:4]) if qtype == "Q5_1" else None)
+        qs = b[..., -16:].long()
+        q = torch.cat([qs & 15, qs >> 4], dim=-1) | _read_high_bits(b[..., -20:-16])
+        if m is None:  # Q5_0: ŵ = d·(q − 16)
+            return (d[..., None] * (q - 16).float()).reshape(rows, cols)
         return (d[..., None] * q.float() + m[..., None]).reshape(rows, cols)
     if qtype in ("Q4_K", "Q5_K"):
         d, dmin, sb = f16(b[..., 0:2]), f16(b[..., 2:4]), b[..., 4:16].long()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lowbit import data as corpora
+from lowbit.calibration import conversation
 from lowbit.errors import LowbitError
 
 HOLDOUT = 0.05
@@ -61,15 +62,6 @@ def _render(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     return pieces
 
 
-def _conversation(obj) -> list[dict]:
-    if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-        return obj["messages"]
-    if isinstance(obj, dict) and "instruction" in obj and "output" in obj:
-        prompt = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]
-    raise ValueError("expected {'messages': [...]} or {'instruction', 'input', 'output'}")
-
-
 def _encode_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
     ids: list[int] = []
     mask: list[bool] = []
@@ -86,7 +78,7 @@ def _jsonl(tokenizer, path: str) -> tuple[list[list[int]], list[list[bool]]]:
         if not line.strip():
             continue
         try:
-            ids, mask = _encode_example(tokenizer, _conversation(json.loads(line)))
+            ids, mask = _encode_example(tokenizer, conversation(json.loads(line)))
         except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
             raise LowbitError(f"{path}:{n}: not a chat example ({e})") from None
         examples.append(ids)
