@@ -1,15 +1,18 @@
-"""GGUF K-quant mixes of the reference model, with and without an importance matrix, read back through
-transformers' GGUF loader and evaluated under the shared protocol.
+"""GGUF K-quant mixes of the reference model: nearest rounding, an importance matrix, and GPTQ codes against
+the block scales; each read back by transformers' GGUF loader and run by llama.cpp, both under the shared
+protocol.
 
-    python bench/gguf_kquants.py [--profile quick|full] [--mixes Q4_K_M Q4_K_S]
+    python bench/gguf_kquants.py [--profile quick|full] [--mixes Q4_K_M Q4_K_S Q3_K_M Q2_K]
 
-For each mix: `lowbit export REF -f gguf --gguf-type MIX [--imatrix]` (the imatrix from the profile's
-calibration windows), then `AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")` (gguf-py
-dequantizes the blocks: an independent reader) evaluated with lowbit's protocol against the fp model.
+For each mix: `lowbit export REF -f gguf --gguf-type MIX [--imatrix | --gptq]` (the imatrix / Hessians from
+the profile's calibration windows), then
+* `AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")` (gguf-py dequantizes the blocks: an
+  independent reader) evaluated with lowbit's protocol against the fp model: ppl, KL, top-1;
+* llama.cpp (llama-cpp-python, `lowbit.eval.llama_cpp`) on the same windows: its ppl and KL against the
+  same fp model, when the package is installed.
 Bits per weight: the decoder linears' blocks as stored (SmolLM2's 576-wide rows cannot hold 256-weight
-super-blocks and fall back to Q5_0, as llama.cpp does; only ffn_down is K-quant). Results:
-bench/results/gguf-kquants.json with provenance. llama.cpp itself (llama-cpp-python) is not run here: it
-ships as a source distribution only, and this machine does not build it.
+super-blocks and fall back to Q4_0 / Q5_0, as llama.cpp does; only ffn_down is K-quant). Results:
+bench/results/gguf-kquants.json with provenance.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="quick", choices=["quick", "full"])
-    ap.add_argument("--mixes", nargs="+", default=["Q4_K_M", "Q4_K_S"])
+    ap.add_argument("--mixes", nargs="+", default=["Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gguf-kquants.json")
     args = ap.parse_args()
 
@@ -48,28 +51,51 @@ def main() -> None:
     t0 = time.perf_counter()
     recipe = make_recipe({"calibration": {"n_samples": proto.calib_samples, "seqlen": proto.calib_seqlen,
                                           "seed": proto.calib_seed}})
-    imatrix = collect_imatrix(base, calibration_data(recipe, tok, base))
+    calib = calibration_data(recipe, tok, base)
+    imatrix = collect_imatrix(base, calib)
     imatrix_s = time.perf_counter() - t0
+    import importlib.util
+
+    from lowbit.eval.llama_cpp import LlamaCppLM
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        LlamaCppLM = None  # noqa: N806
     rows = {}
     for mix in args.mixes:
-        for use in (False, True):
-            name = f"{mix}{'-imatrix' if use else ''}"
+        for codes in ("nearest", "imatrix", "gptq"):
+            name = mix if codes == "nearest" else f"{mix}-{codes}"
             out = Path(f"/tmp/lowbit-gguf-{name}")
             t0 = time.perf_counter()
-            s = export_gguf_kquants(ref, out, mix, imatrix=imatrix if use else None, overwrite=True, model=base)
+            s = export_gguf_kquants(ref, out, mix, imatrix=imatrix if codes == "imatrix" else None,
+                                    gptq=calib if codes == "gptq" else None, overwrite=True, model=base)
             export_s = time.perf_counter() - t0
             m = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
             ev = eval_job(name, model=m, tokenizer=tok, base_model=base, base_key=model_key(str(ref)),
                           windows=windows, protocol=proto, progress=False)
-            rows[name] = {"mix": mix, "imatrix": use, "bits_per_weight": s["bits_per_weight"], "types": s["types"],
-                          "ppl": ev["ppl"], "kl": ev["kl"], "top1_agreement": ev["top1_agreement"],
-                          "export_seconds": round(export_s, 1), "file_mb": round((out / "model.gguf").stat().st_size / 2**20, 1)}
-            print(f"[gguf] {name}: {s['bits_per_weight']:.3f} bits/weight, ppl {ev['ppl']:.3f}, KL {ev['kl']:.4f} "
-                  f"({s['types']})", flush=True)
             del m
+            row = {"mix": mix, "codes": codes, "bits_per_weight": s["bits_per_weight"], "types": s["types"],
+                   "ppl": ev["ppl"], "kl": ev["kl"], "top1_agreement": ev["top1_agreement"],
+                   "export_seconds": round(export_s, 1), "file_mb": round((out / "model.gguf").stat().st_size / 2**20, 1)}
+            if LlamaCppLM is not None:
+                rt = LlamaCppLM(out / "model.gguf", n_ctx=windows.shape[1])
+                try:
+                    t0 = time.perf_counter()
+                    cpp = eval_job(f"{name}-llama.cpp", model=rt, tokenizer=tok, base_model=base,
+                                   base_key=model_key(str(ref)), windows=windows,
+                                   protocol=proto, progress=False)
+                    row |= {"llama_cpp_ppl": cpp["ppl"], "llama_cpp_kl": cpp["kl"],
+                            "llama_cpp_vs_ours_ppl": cpp["ppl"] / ev["ppl"] - 1,
+                            "llama_cpp_eval_seconds": round(time.perf_counter() - t0, 1)}
+                finally:
+                    rt.close()
+            rows[name] = row
+            print(f"[gguf] {name}: {s['bits_per_weight']:.3f} bits/weight, ppl {ev['ppl']:.3f}, KL {ev['kl']:.4f}"
+                  + (f", llama.cpp ppl {row['llama_cpp_ppl']:.3f} KL {row['llama_cpp_kl']:.4f}" if "llama_cpp_ppl" in row else "")
+                  + f" ({s['types']})", flush=True)
     res = {"profile": args.profile, "imatrix_seconds": round(imatrix_s, 1),
            "imatrix_windows": [proto.calib_samples, proto.calib_seqlen], "runs": rows,
-           "reader": "transformers from_pretrained(gguf_file=) (gguf-py dequantization)",
+           "reader": "transformers from_pretrained(gguf_file=) (gguf-py dequantization); llama.cpp via "
+                     "llama-cpp-python" + (" (not installed: no llama.cpp columns)" if LlamaCppLM is None else ""),
            "provenance": provenance(ref, proto)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")

@@ -7,8 +7,11 @@
 Part 1, one linear layer y = x·Wᵀ, W [out, in] (4096→4096 like q_proj, 4096→11008 like up/gate_proj),
 batch 1 (decode) and 16: fp32 and bf16 dense (`F.linear`), int8 weight-only per channel
 (`aten._weight_int8pack_mm`), int4 group 128 (`aten._weight_int4pack_mm_for_cpu`), int4 + a rank-32
-low-rank branch (x·A)·B in bf16 (LQER), and the 3-bit LUT path for per-column codebooks. Every quantized
-variant runs with bf16 activations (the ops are fast only there). "decode tok/s" is 1 / (batch-1 time):
+low-rank branch (x·A)·B in bf16 (LQER), and the LUT paths for codebooks: 3-bit per input column (CLAQ's
+layout) through the native matvec and through the torch gather-then-GEMM path, and 4-bit per output row
+(SqueezeLLM's layout) through the native matvec (`kernels.lut`, `kernels/lut_matvec.c`), and AQLM 2x8 g8
+additive codes through their native matvec (random codes and codebooks: a speed stand-in, same storage). Every quantized
+variant runs with bf16 activations (the ATen ops are fast only there; the native LUT matvec computes in fp32). "decode tok/s" is 1 / (batch-1 time):
 tokens per second through this one layer. Memory is what the variant must keep for the GEMM (weights
 or packed operands + scales + factors / tables).
 
@@ -71,17 +74,19 @@ def round_robin(fns: dict, repeats: int, target_s: float) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
-def quantile_codebook(W: torch.Tensor, bits: int) -> QuantizedWeight:
-    """Per-input-column codebook of the 2^b quantile midpoints, nearest-entry codes (speed stand-in)."""
+def quantile_codebook(W: torch.Tensor, bits: int, axis: str = "column") -> QuantizedWeight:
+    """Per-input-column (or per-output-row) codebook of the 2^b quantile midpoints, nearest-entry codes
+    (a speed stand-in for CLAQ / SqueezeLLM: same storage and kernels)."""
     K = 2**bits
-    qs = torch.quantile(W.float().T, (torch.arange(K) + 0.5) / K, dim=1).T  # [in, K]
-    grid = make_codebook_grid("column", torch.full((W.shape[1],), bits, dtype=torch.uint8), qs, 16)
-    lut16 = grid.codebook.float()  # [in, K]
-    codes = torch.empty(W.shape, dtype=torch.uint8)
-    for c0 in range(0, W.shape[1], 512):  # chunked: [out, 512, K] distances
-        d = (W[:, c0:c0 + 512, None].float() - lut16[None, c0:c0 + 512]).abs()
+    Wv = W.float().T if axis == "column" else W.float()  # one vector per table
+    qs = torch.quantile(Wv, (torch.arange(K) + 0.5) / K, dim=1).T  # [n_vec, K]
+    grid = make_codebook_grid(axis, torch.full((Wv.shape[0],), bits, dtype=torch.uint8), qs, 16)
+    lut16 = grid.codebook.float()  # [n_vec, K]
+    codes = torch.empty(Wv.shape, dtype=torch.uint8)
+    for c0 in range(0, Wv.shape[1], 512):  # chunked: [n_vec, 512, K] distances
+        d = (Wv[:, c0:c0 + 512, None] - lut16[:, None]).abs()
         codes[:, c0:c0 + 512] = d.argmin(-1).to(torch.uint8)
-    return QuantizedWeight(tuple(W.shape), torch.float32, grid, codes)
+    return QuantizedWeight(tuple(W.shape), torch.float32, grid, codes.T.contiguous() if axis == "column" else codes)
 
 
 def _nb(*ts) -> int:
@@ -97,9 +102,19 @@ def layer_bench(d_in: int, d_out: int, repeats: int, target_s: float, rank: int 
     p4, p8 = cpu.prepare_int4(q4), cpu.prepare_int8(q8)
     A = (torch.randn(d_in, rank, generator=g) * 0.01).bfloat16()
     B = (torch.randn(rank, d_out, generator=g) * 0.01).bfloat16()
-    pl = lut.prepare_lut(quantile_codebook(W, 3))
+    qc = quantile_codebook(W, 3)
+    pl, pt = lut.prepare_lut(qc), lut.prepare_lut(qc, native=False)
+    pr = lut.prepare_lut(quantile_codebook(W, 4, "row"))
+    from lowbit.formats.additive import AdditiveGrid
+
+    aq = AdditiveGrid(2, 8, 8, (0.02 * torch.randn(2, 256, 8, generator=g)).half(), torch.ones(d_out).half())
+    pa = lut.prepare_lut(QuantizedWeight((d_out, d_in), torch.float32, aq,
+                                         torch.randint(0, 256, (d_out, d_in // 8, 2), generator=g, dtype=torch.uint8)))
+    assert pl.table16 is not None and pr.table16 is not None, "the native LUT kernel did not build"
     mem = {"fp32": _nb(W), "bf16": _nb(Wb), "int8": p8.nbytes(), "int4 g128": p4.nbytes(),
-           f"int4 g128 + rank-{rank}": p4.nbytes() + _nb(A, B), "LUT 3-bit": pl.nbytes()}
+           f"int4 g128 + rank-{rank}": p4.nbytes() + _nb(A, B), "LUT 3-bit col": pl.nbytes(),
+           "LUT 3-bit col (torch)": pt.nbytes(), "LUT 4-bit row": pr.nbytes(),
+           "AQLM 2x8 g8": pa.codes.numel() + pa.table16.numel() * 4 + pa.scale.numel() * 4}
     rows = []
     for batch in (1, 16):
         x = torch.randn(batch, d_in, generator=g)
@@ -109,7 +124,10 @@ def layer_bench(d_in: int, d_out: int, repeats: int, target_s: float, rank: int 
                "int8": lambda: cpu.int8_mm(xb, p8),
                "int4 g128": lambda: cpu.int4_mm(xb, p4),
                f"int4 g128 + rank-{rank}": lambda: cpu.int4_mm(xb, p4) + (xb @ A) @ B,
-               "LUT 3-bit": lambda: lut.lut_mm(xb, pl)}
+               "LUT 3-bit col": lambda: lut.lut_mm(xb, pl),
+               "LUT 3-bit col (torch)": lambda: lut.lut_mm(xb, pt),
+               "LUT 4-bit row": lambda: lut.lut_mm(xb, pr),
+               "AQLM 2x8 g8": lambda: lut.lut_mm(xb, pa)}
         med = round_robin(fns, repeats, target_s)
         for k, t in med.items():
             rows.append({"part": "layer", "shape": f"{d_in}→{d_out}", "batch": batch, "variant": k,

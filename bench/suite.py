@@ -60,6 +60,12 @@ def _ptq() -> dict[str, dict]:
     s["claq-w2-or1"] = _q("claq", 2, codebook_bits=8, outlier_count=1)
     s["claq-ap2.1"] = _q("claq", 2, codebook_bits=8, target_bits=2.1)
     s["claq-w2-dynamic-or"] = _q("claq", 2, codebook_bits=8, outliers="dynamic")
+    # AQLM: additive codes, 2x8 g8 (2 code bits; codebooks and row scales on top), the default solver
+    # settings and a fast one (1 round, beam 4)
+    s["aqlm-2x8-g8"] = {"quant": {"method": "aqlm", "num_codebooks": 2, "nbits_per_codebook": 8, "in_group_size": 8}}
+    s["aqlm-2x8-g8-fast"] = {"quant": {"method": "aqlm", "num_codebooks": 2, "nbits_per_codebook": 8,
+                                       "in_group_size": 8, "rounds": 1, "beam_size": 4, "cg_iters": 15,
+                                       "kmeans_iters": 10}}
     # QuantEase: coordinate descent on the same static grid as GPTQ, from W (the paper) and from GPTQ
     s["quantease-w3-g128"] = _q("quantease", 3, 128)
     s["quantease-gptq-w3-g128"] = _q("quantease", 3, 128, init="gptq")

@@ -5,7 +5,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.quantized_weight import LowRank, QuantizedWeight
-from lowbit.kernels import cpu, dispatch
+from lowbit.kernels import cpu, dispatch, lut_native
 from lowbit.methods import parse_method_config, quantize_weight
 from lowbit.nn.quant_linear import QuantLinear
 
@@ -129,11 +129,95 @@ def test_lut_matches_codebook_reference(axis):
     assert (y32 - ref).norm() / ref.norm() < 1e-6
     m = QuantLinear(qw)
     yb = m(x.bfloat16())
-    # auto never picks the (slow, memory-saving) LUT path: the cached reference runs
-    assert getattr(m, "_kernel_state", None) is None and (yb.double() - ref).norm() / ref.norm() < 2e-2
+    # auto picks the LUT path only when its native matvec exists; else the cached reference runs
+    native = lut_native.library() is not None
+    assert (getattr(m, "_kernel_state", None) is not None) == native
+    assert (yb.double() - ref).norm() / ref.norm() < 2e-2
     m.backend = "kernel"
     yk = m(x.bfloat16())
     assert m._kernel_state[1] == "lut" and (yk.double() - ref).norm() / ref.norm() < 2e-2
+
+
+def _codebook_layer(axis, rows, cols, seed, widths=(2, 3, 4)):
+    from lowbit.formats.codebook import make_codebook_grid
+
+    g = torch.Generator().manual_seed(seed)
+    n_vec = cols if axis == "column" else rows
+    vec_bits = torch.tensor(widths)[torch.randint(0, len(widths), (n_vec,), generator=g)].to(torch.uint8)
+    luts = torch.randn(n_vec, 2 ** max(widths), generator=g).sort(dim=1).values * 0.05
+    grid = make_codebook_grid(axis, vec_bits, luts, 16)
+    limit = (2 ** vec_bits.long())[None, :] if axis == "column" else (2 ** vec_bits.long())[:, None]
+    codes = (torch.rand(rows, cols, generator=g) * limit).floor().to(torch.uint8)
+    return QuantizedWeight((rows, cols), torch.float32, grid, codes)
+
+
+needs_native_lut = pytest.mark.skipif(lut_native.library() is None, reason="no C compiler for the native LUT kernel")
+
+
+@needs_native_lut
+@pytest.mark.parametrize("axis", ["column", "row"])
+@pytest.mark.parametrize("shape", [(50, 100), (64, 576), (1536, 96)])
+def test_native_lut_matvec_matches_float64(axis, shape):
+    """The native matvec (rows not a multiple of its 16-row blocks, columns not a multiple of its 16-lane
+    vectors, mixed 2/3/4-bit widths) against dequantize-then-matmul in float64, for 1 and 5 activation rows;
+    the blocked codes still rebuild the exact weight for larger batches."""
+    from lowbit.kernels import lut
+
+    qw = _codebook_layer(axis, *shape, seed=sum(shape))
+    p = lut.prepare_lut(qw, torch.float32)
+    assert p.table16 is not None and p.blocked == (axis == "column")
+    W = qw.dequantize().double()
+    for m in (1, 5):
+        x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m))
+        y = lut.lut_mm(x, p)
+        ref = x.double() @ W.T
+        assert y.shape == (m, shape[0]) and float((y.double() - ref).norm() / ref.norm()) < 1e-6
+    assert torch.equal(lut.lut_dequantize_rows(p, 0, shape[0]).double(), W)  # the path batches > 64 take
+    x = torch.randn(lut.NATIVE_MAX_ROWS + 1, shape[1])
+    torch.testing.assert_close(lut.lut_mm(x, p), x @ W.float().T, rtol=1e-5, atol=1e-5)
+
+
+@needs_native_lut
+@pytest.mark.parametrize("shape", [(50, 96), (64, 576)])
+def test_native_additive_matvec_matches_float64(shape):
+    """AQLM codes (2x8 g8, and J·M not a multiple of the 16-lane gather): the native matvec against
+    dequantize-then-matmul in float64; larger batches rebuild exactly `dequantize()`."""
+    from lowbit.formats.additive import AdditiveGrid
+    from lowbit.kernels import lut
+
+    g = torch.Generator().manual_seed(shape[0])
+    rows, cols = shape
+    grid = AdditiveGrid(2, 8, 8, (0.1 * torch.randn(2, 256, 8, generator=g)).half(), (torch.rand(rows, generator=g) + 0.5).half())
+    qw = QuantizedWeight(shape, torch.float32, grid, torch.randint(0, 256, (rows, cols // 8, 2), generator=g, dtype=torch.uint8))
+    assert dispatch.kernel_for(qw) == "lut"
+    p = lut.prepare_lut(qw, torch.float32)
+    W = qw.dequantize().double()
+    for m in (1, 3):
+        x = torch.randn(m, cols, generator=g)
+        y = lut.lut_mm(x, p)
+        assert float((y.double() - x.double() @ W.T).norm() / (x.double() @ W.T).norm()) < 1e-6
+    assert torch.equal(lut.lut_dequantize_rows(p, 0, rows).double(), W)
+    m = QuantLinear(qw)
+    m.backend = "kernel"
+    x = torch.randn(2, cols, generator=g)
+    yk = m(x.bfloat16())
+    assert m._kernel_state[1] == "lut" and float((yk.double() - x.double() @ W.T).norm() / (x.double() @ W.T).norm()) < 2e-2
+
+
+def test_native_lut_without_a_compiler_falls_back(monkeypatch):
+    """No compiler: one warning, `library()` is None, and the LUT layer runs the torch path, still exact."""
+    from lowbit.kernels import lut
+
+    monkeypatch.setattr(lut_native, "_state", {})
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(lut_native, "_build", lambda cc: (_ for _ in ()).throw(OSError(f"{cc}: not found")))
+    with pytest.warns(RuntimeWarning, match="native LUT kernel is unavailable"):
+        assert lut_native.library() is None
+    qw = _codebook_layer("column", 40, 64, seed=3)
+    p = lut.prepare_lut(qw, torch.float32)
+    assert p.table16 is None and not p.blocked
+    x = torch.randn(1, 64)
+    assert float((lut.lut_mm(x, p).double() - x.double() @ qw.dequantize().double().T).norm()) < 1e-5
 
 
 def test_generate_matches_hf_greedy_and_cli(tiny_model_dir, tmp_path):

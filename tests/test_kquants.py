@@ -42,14 +42,16 @@ def test_blocks_decode_as_gguf_decodes_them(qtype):
     assert torch.equal(ours, _ref_decode(data, qtype).reshape(24, 512))
     assert torch.equal(ours[1], torch.zeros(512))
     snr = -10 * torch.log10((ours - W).square().sum() / W.square().sum())
-    floor = {"Q4_K": 19.0, "Q5_K": 25.0, "Q5_0": 24.0, "Q5_1": 25.0, "Q6_K": 30.0, "Q8_0": 38.0}[qtype]  # dB on these rows
+    floor = {"Q2_K": 10.0, "Q3_K": 16.0, "Q4_0": 21.0, "Q4_K": 19.0, "Q5_K": 25.0, "Q5_0": 24.0, "Q5_1": 25.0,
+             "Q6_K": 30.0, "Q8_0": 38.0}[qtype]  # dB on these rows
     assert snr > floor, f"{qtype}: SQNR {snr:.1f} dB"
 
 
 def test_more_bits_never_raise_the_error():
     W = _weights(1)
     err = {t: float((K.decode(K.encode(W, t), t, 512) - W).square().sum()) for t in K.BLOCKS}
-    assert err["Q4_K"] > err["Q5_0"] > err["Q6_K"] > err["Q8_0"]
+    assert err["Q2_K"] > err["Q3_K"] > err["Q4_K"] > err["Q5_0"] > err["Q6_K"] > err["Q8_0"]
+    assert err["Q4_0"] > err["Q5_0"]
     assert err["Q4_K"] > err["Q5_K"] > err["Q6_K"] and err["Q5_0"] > err["Q5_1"]
 
 
@@ -58,13 +60,13 @@ def test_fit_is_no_worse_than_the_reference_quantizer():
     from gguf.quants import quantize
 
     W = _weights(2)
-    for qtype in ("Q5_0", "Q8_0"):
+    for qtype in ("Q4_0", "Q5_0", "Q8_0"):
         ref = _ref_decode(torch.from_numpy(quantize(W.numpy(), getattr(gguf.GGMLQuantizationType, qtype))), qtype)
         ours = K.decode(K.encode(W, qtype), qtype, 512)
         assert (ours - W).square().sum() <= (ref.reshape(W.shape) - W).square().sum() * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q5_1"])
 def test_importance_lowers_the_weighted_error(qtype):
     """With a skewed importance per column, the fit made for it has a lower Σ imp·(w − ŵ)² than the default."""
     W = _weights(3)
@@ -96,7 +98,7 @@ def test_bad_input():
     with pytest.raises(LowbitError, match="multiple of 256"):
         K.encode(torch.randn(4, 576), "Q4_K")
     with pytest.raises(LowbitError, match="unknown ggml block type"):
-        K.encode(torch.randn(4, 256), "Q3_K")
+        K.encode(torch.randn(4, 256), "Q7_K")
     bad = torch.randn(4, 256)
     bad[0, 0] = float("nan")
     with pytest.raises(LowbitError, match="NaN"):
@@ -116,6 +118,58 @@ def test_mix_rules():
     assert block_type_for("model.embed_tokens.weight", 512, "Q4_K_M", 16, False) == "Q4_K"
     assert block_type_for("model.layers.3.mlp.up_proj.weight", 576, "Q5_K_S", 16, True) == "Q5_1"
     assert block_type_for("model.layers.4.self_attn.v_proj.weight", 512, "Q5_K_M", 16, True) == "Q6_K"
+    # llama.cpp's llama_tensor_get_type for the 2- and 3-bit mixes and Q4_K_S (src/llama-quant.cpp)
+    t = lambda name, mix, gqa=1: block_type_for(f"model.layers.{name}.weight", 512, mix, 32, True, gqa)  # noqa: E731
+    assert [t("0.self_attn.v_proj", "Q2_K"), t("0.self_attn.v_proj", "Q2_K", gqa=4)] == ["Q3_K", "Q4_K"]
+    assert [t("9.mlp.down_proj", "Q2_K"), t("9.self_attn.o_proj", "Q2_K"), t("9.mlp.up_proj", "Q2_K")] == \
+        ["Q3_K", "Q3_K", "Q2_K"]
+    assert [t(f"{i}.self_attn.v_proj", "Q3_K_M") for i in (0, 1, 2)] == ["Q5_K", "Q5_K", "Q4_K"]
+    assert [t(f"{i}.mlp.down_proj", "Q3_K_M") for i in (1, 2)] == ["Q5_K", "Q4_K"]  # i < n/16 = 2
+    assert [t("5.self_attn.o_proj", "Q3_K_M"), t("5.self_attn.q_proj", "Q3_K_M")] == ["Q4_K", "Q3_K"]
+    assert {t(f"5.{m}", "Q3_K_L") for m in ("self_attn.v_proj", "mlp.down_proj", "self_attn.o_proj")} == {"Q5_K"}
+    assert {t(f"5.{m}", "Q3_K_S") for m in ("self_attn.v_proj", "mlp.down_proj", "self_attn.o_proj")} == {"Q3_K"}
+    assert [t(f"{i}.self_attn.v_proj", "Q4_K_S") for i in (3, 4)] == ["Q5_K", "Q4_K"]
+    assert [t(f"{i}.mlp.down_proj", "Q4_K_S") for i in (3, 4)] == ["Q5_K", "Q4_K"]  # i < n/8 = 4
+    assert block_type_for("model.layers.0.mlp.up_proj.weight", 576, "Q3_K_S", 30, True) == "Q4_0"  # fallback
+    assert block_type_for("model.embed_tokens.weight", 512, "Q2_K", 30, True) == "Q6_K"
+
+
+def _layer_and_hessian(seed=5, rows=64, cols=512, n=2048):
+    """A weight and a realistic H = 2XᵀX/N: correlated inputs with a spread of channel scales."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, cols, generator=g) @ (0.1 * torch.randn(cols, cols, generator=g) + torch.eye(cols))
+    X = X * (0.2 + 3 * torch.rand(cols, generator=g))
+    return 0.05 * torch.randn(rows, cols, generator=g), 2 * X.T @ X / n
+
+
+@pytest.mark.parametrize("qtype", list(K.BLOCKS))
+def test_gptq_codes_lower_the_output_error_against_nearest_rounding(qtype):
+    """GPTQ's sweep into ggml blocks: the layer output error tr(ΔHΔᵀ) (float64) is below that of nearest
+    rounding under scales fitted the same way to the original W, and the stored blocks decode to exactly
+    the values the sweep chose (ŵ = step·q − off of its own fits)."""
+    from lowbit.methods.gptq_blocks import gptq_block_codes
+
+    W, H = _layer_and_hessian()
+    err = lambda Wq: float(((Wq - W).double() @ H.double() * (Wq - W).double()).sum())  # noqa: E731
+    f0 = K.fit(W, qtype, H.diagonal() / 2)
+    near = K.decode(K.pack(f0, f0.round(W)), qtype, W.shape[1])
+    f, codes = gptq_block_codes(W, H, qtype)
+    swept = K.decode(K.pack(f, codes), qtype, W.shape[1])
+    assert err(swept) < 0.85 * err(near), (err(swept), err(near))
+    values = f.per_element(f.step) * codes.float() - f.per_element(f.off)
+    torch.testing.assert_close(swept, values, rtol=1e-6, atol=1e-6)
+
+
+def test_gptq_codes_with_a_diagonal_hessian_are_nearest_rounding():
+    """Known answer: with uncorrelated inputs (diagonal H) no error is fed forward, so every block is fitted
+    to the original weights and the codes are the nearest ones: the same bytes as the plain encoder."""
+    from lowbit.methods.gptq_blocks import gptq_block_codes
+
+    W, _ = _layer_and_hessian(rows=16)
+    H = torch.diag(torch.rand(512, generator=torch.Generator().manual_seed(1)) + 0.5)
+    for qtype in ("Q4_K", "Q3_K", "Q4_0"):
+        f, codes = gptq_block_codes(W, H, qtype, damp_percent=0.0)
+        assert torch.equal(K.pack(f, codes), K.encode(W, qtype, H.diagonal() / 2)), qtype
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +220,39 @@ def test_q4_k_m_export_loads_in_transformers_with_our_weights(wide_model, tmp_pa
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_gptq_export_lowers_each_layers_output_error(wide_model, tmp_path):
+    """The export with GPTQ codes: every quantized decoder layer, read back from the file by gguf-py, has
+    a lower output error tr(ΔHΔᵀ) on the calibration windows than the imatrix export's nearest codes."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from lowbit.exporters.gguf import gguf_name
+    from lowbit.exporters.gguf_kquants import collect_imatrix, export_gguf_kquants
+    from lowbit.io.native import load_model
+    from lowbit.pipeline.collect import collect_stats
+
+    model, _ = load_model(str(wide_model))
+    windows = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    a = export_gguf_kquants(wide_model, tmp_path / "near", "Q3_K_M", imatrix=collect_imatrix(model, windows), model=model)
+    b = export_gguf_kquants(wide_model, tmp_path / "gptq", "Q3_K_M", gptq=windows, model=model)
+    assert a["codes"] == "nearest" and b["codes"] == "gptq" and a["tensor_types"] == b["tensor_types"]
+    read = lambda d: {t.name: t for t in GGUFReader(tmp_path / d / "model.gguf").tensors}  # noqa: E731
+    near, swept = read("near"), read("gptq")
+    names = [n.removesuffix(".weight") for n in b["tensor_types"] if n.startswith("model.layers.")]
+    stats = collect_stats(model, names, windows)
+    for name in names:
+        key = gguf_name(f"{name}.weight")
+        if key.endswith(("attn_q.weight", "attn_k.weight")):
+            continue  # rows permuted for llama.cpp's rotary layout; the others are stored as they are
+        W = model.get_submodule(name).weight.detach().double()
+        H = stats[name].hessian.double()
+        e = {}
+        for label, t in (("near", near[key]), ("gptq", swept[key])):
+            Wq = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).double().reshape(W.shape)
+            e[label] = float(((Wq - W) @ H * (Wq - W)).sum())
+        assert e["gptq"] < e["near"], (name, e)
+
+
 def test_export_refuses_a_quantized_model_and_unknown_mix(tiny_model_dir, tmp_path):
     from lowbit.exporters.gguf_kquants import export_gguf_kquants
 
@@ -173,7 +260,7 @@ def test_export_refuses_a_quantized_model_and_unknown_mix(tiny_model_dir, tmp_pa
     from lowbit.recipe import make_recipe
 
     with pytest.raises(LowbitError, match="unknown K-quant mix"):
-        export_gguf_kquants(tiny_model_dir, tmp_path / "x", "Q3_K_L")
+        export_gguf_kquants(tiny_model_dir, tmp_path / "x", "Q3_K_XL")
     quantize_job(str(tiny_model_dir), tmp_path / "q", make_recipe({"quant": {"method": "rtn", "group_size": 32}}),
                  progress=False)
     with pytest.raises(LowbitError, match="is a lowbit output"):

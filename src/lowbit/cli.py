@@ -44,7 +44,7 @@ def clean_errors(fn):
 def quantize(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: Optional[str] = typer.Option(None, help="rtn | gptq | claq | squeezellm | hqq | awq | quantease (default gptq, or the recipe's)."),
+    method: Optional[str] = typer.Option(None, help="rtn | gptq | claq | squeezellm | hqq | awq | quantease | aqlm (default gptq, or the recipe's)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits: 2-8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128; a layer whose input dim it does not divide gets a partial last group)."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (default asymmetric)."),
@@ -65,6 +65,8 @@ def quantize(
     codebook_bits: Optional[int] = typer.Option(None, help="CLAQ/SqueezeLLM codebook entries: 16 (fp16, default) | 8 (uint8 on a per-vector affine grid); CLAQ also 5-7 (packed)."),
     claq_row_scale: Optional[str] = typer.Option(None, help="CLAQ extension: none (default, the paper's) | rms | absmax: one fp16 scale per output row, codebooks of the row-normalized weight."),
     claq_fit: Optional[str] = typer.Option(None, help="CLAQ codebook fit: column (refit on each updated column, the paper's; default) | block (one batch per 128-column block, ~10x faster)."),
+    aqlm_codebooks: Optional[str] = typer.Option(None, help="AQLM: MxB, M codebooks of 2^B codewords (default 2x8; B ≤ 8 or 16)."),
+    aqlm_group: Optional[int] = typer.Option(None, help="AQLM: codeword length g, consecutive input columns (default 8); code bits per weight M·B/g."),
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags given explicitly override it."),
     budget_bits: Optional[float] = typer.Option(None, help="Budgeted allocation: choose per layer bits, group size, LQER rank (and outlier fraction) from the recipe's `budget` grid (default bits 2/3/4, groups pc/128/64/32, ranks 0/8/16/32) minimising the summed measured per-layer KL, average bits/weight (all metadata) ≤ this. Writes OUT/plan.yaml, a recipe that reproduces the result."),
     calib_dataset: Optional[str] = typer.Option(None, help="c4 | wikitext2-valid | text | jsonl (conversations) | hf:NAME[:SPLIT] (online; a 'messages' or 'text' column). Default c4, documents never used to train the reference model."),
@@ -98,6 +100,14 @@ def quantize(
             raise LowbitError("CLAQ has its own outlier reservation (a fraction per tail of each column): "
                               "use --claq-outliers")
         q["outliers"] = outliers
+    if aqlm_codebooks is not None:
+        try:
+            m_, b_ = (int(v) for v in aqlm_codebooks.lower().split("x"))
+        except ValueError:
+            raise LowbitError(f"--aqlm-codebooks {aqlm_codebooks!r}: expected MxB, e.g. 2x8") from None
+        q.update(num_codebooks=m_, nbits_per_codebook=b_)
+    if aqlm_group is not None:
+        q["in_group_size"] = aqlm_group
     if q.get("method", base.quant.method) in ("claq", "squeezellm") and group_size is None:
         q["group_size"] = -1  # one codebook per column / row: a recipe's group size does not carry over
     lq = {k: v for k, v in dict(rank=lqer_rank, scale=lqer_scale, factor_dtype=lqer_factors,

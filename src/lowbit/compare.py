@@ -94,6 +94,8 @@ def describe(recipe: Recipe) -> str:
         return " ".join([head, *("+" + s for s in ("prune", "finetune") if getattr(recipe, s) is not None)])
     gs = getattr(q, "group_size", None)
     parts = [q.method, f"w{q.bits}"]
+    if q.method == "aqlm":  # "MxB gG": the codebooks are the grid
+        parts, gs = [q.method, f"{q.num_codebooks}x{q.nbits_per_codebook} g{q.in_group_size}"], None
     if getattr(q, "format", "int") == "mxint":  # the shared-exponent block is the grouping
         parts.append(f"mxint b{q.block_size}")
     elif gs is not None:

@@ -14,12 +14,13 @@ FORMATS = ("compressed-tensors", "gptq", "peft-lora", "gguf", "dequantized")
 
 def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None = None, overwrite: bool = False,
            lowrank_adapter: bool = False, gguf_type: str | None = None, base: str | None = None,
-           eval_json: str | Path | None = None, imatrix: bool = False, calib_samples: int = 128,
-           data: str | None = None) -> Path:
+           eval_json: str | Path | None = None, imatrix: bool = False, gptq: bool = False,
+           calib_samples: int = 128, data: str | None = None) -> Path:
     """Export the lowbit output `source` to `out` in format `fmt`; returns `out`. With `fmt` gguf and a
-    K-quant `gguf_type` (Q4_K_M/S, Q5_K_M/S, Q6_K, Q8_0), `source` is an unquantized model whose float weights
-    are quantized into K-quant blocks (`exporters.gguf_kquants`), with `imatrix`: block scales fitted to
-    the activations of `calib_samples` calibration windows."""
+    K-quant mix as `gguf_type` (`exporters.gguf_kquants.MIXES`: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K,
+    Q8_0), `source` is an unquantized model whose float weights are quantized into ggml blocks, with
+    `imatrix`: block scales fitted to the activations of `calib_samples` calibration windows; with `gptq`:
+    also the codes chosen by GPTQ's sweep against those scales."""
     import torch
 
     from lowbit.exporters.common import DTYPES, load_source
@@ -37,9 +38,10 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
     # A lowbit output is written with its own codes; an unquantized model is quantized into K-quant blocks
     # (Q8_0 names both: the block a symmetric 8-bit grid fits, and the mix made from float weights).
     if fmt == "gguf" and gguf_type in MIXES and not (Path(source) / "lowbit.json").is_file():
-        return _kquants(source, out, gguf_type, imatrix, calib_samples, data, overwrite)
-    if imatrix:
-        raise LowbitError("--imatrix applies to the K-quant GGUF types (--gguf-type Q4_K_M | Q4_K_S | Q5_K_M | Q5_K_S | Q6_K | Q8_0)")
+        return _kquants(source, out, gguf_type, imatrix, gptq, calib_samples, data, overwrite)
+    if imatrix or gptq:
+        raise LowbitError(f"--imatrix / --gptq apply to the K-quant GGUF mixes made from an unquantized model "
+                          f"(--gguf-type {' | '.join(MIXES)})")
     src = load_source(source, eval_json)
     if fmt == "compressed-tensors":
         from lowbit.exporters.compressed_tensors import export_compressed_tensors
@@ -63,11 +65,12 @@ def export(source: str | Path, fmt: str, out: str | Path, *, dtype: str | None =
                               lowrank_adapter=lowrank_adapter)
 
 
-def _kquants(source, out: Path, mix: str, imatrix: bool, calib_samples: int, data, overwrite: bool) -> Path:
+def _kquants(source, out: Path, mix: str, imatrix: bool, gptq: bool, calib_samples: int, data,
+             overwrite: bool) -> Path:
     from lowbit.exporters.gguf_kquants import collect_imatrix, export_gguf_kquants
 
-    imat = model = None
-    if imatrix:
+    imat = model = windows = None
+    if imatrix or gptq:
         from lowbit.io.native import load_model
         from lowbit.jobs import calibration_data
         from lowbit.recipe import make_recipe
@@ -76,6 +79,9 @@ def _kquants(source, out: Path, mix: str, imatrix: bool, calib_samples: int, dat
         if tok is None:
             raise LowbitError(f"{source} has no tokenizer files; the imatrix needs calibration text")
         recipe = make_recipe({"calibration": {"n_samples": calib_samples}})
-        imat = collect_imatrix(model, calibration_data(recipe, tok, model, data))
-    export_gguf_kquants(source, out, mix, imatrix=imat, overwrite=overwrite, model=model)
+        windows = calibration_data(recipe, tok, model, data)
+        if not gptq:  # with GPTQ the imatrix is diag H / 2 of the Hessians it collects anyway
+            imat = collect_imatrix(model, windows)
+    export_gguf_kquants(source, out, mix, imatrix=imat, gptq=windows if gptq else None, overwrite=overwrite,
+                        model=model, progress=True)
     return out

@@ -18,12 +18,14 @@ def export_cmd(
                                          "the factors as a PEFT LoRA adapter in OUT/lora_adapter."),
     gguf_type: Optional[str] = typer.Option(None, help="GGUF block type of a lowbit output: Q4_0 | Q4_1 | Q8_0 "
                                             "(default: the one that fits the grid exactly); or a K-quant mix made "
-                                            "from an unquantized model: Q4_K_M | Q4_K_S | Q5_K_M | Q5_K_S | Q6_K | "
-                                            "Q8_0 (rows not a multiple of 256 fall back to Q5_0 / Q5_1 / Q8_0, as in "
-                                            "llama.cpp)."),
+                                            "from an unquantized model: Q2_K | Q3_K_S | Q3_K_M | Q3_K_L | Q4_K_S | "
+                                            "Q4_K_M | Q5_K_S | Q5_K_M | Q6_K | Q8_0 (rows not a multiple of 256 fall "
+                                            "back to Q4_0 / Q5_0 / Q5_1 / Q8_0, as in llama.cpp)."),
     imatrix: bool = typer.Option(False, help="K-quant mixes: fit every block's scales to an importance matrix "
                                  "(mean x² per input column of each layer) from calibration windows."),
-    calib_samples: int = typer.Option(128, help="--imatrix: calibration windows (512 tokens of C4)."),
+    gptq: bool = typer.Option(False, help="K-quant mixes: fit the block scales to the imatrix, then choose the "
+                              "codes by GPTQ's column sweep against them (Hessians from calibration windows)."),
+    calib_samples: int = typer.Option(128, help="--imatrix / --gptq: calibration windows (512 tokens of C4)."),
     data: Optional[str] = typer.Option(None, help="Data directory (default: the packaged corpora)."),
     base: Optional[str] = typer.Option(None, help="peft-lora: base_model_name_or_path to record."),
     eval_json: Optional[Path] = typer.Option(None, help="Evaluation figures for the model card (`lowbit eval --json`)."),
@@ -34,6 +36,7 @@ def export_cmd(
     from lowbit.exporters import export
 
     path = export(source, fmt, out, dtype=dtype, overwrite=overwrite, lowrank_adapter=lowrank_adapter,
-                  gguf_type=gguf_type, base=base, eval_json=eval_json, imatrix=imatrix, calib_samples=calib_samples,
+                  gguf_type=gguf_type, base=base, eval_json=eval_json, imatrix=imatrix, gptq=gptq,
+                  calib_samples=calib_samples,
                   data=data)
     typer.echo(f"exported {source} as {fmt} to {path} (model card: {path / 'README.md'})")

@@ -17,6 +17,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import packing
+from lowbit.formats.additive import AdditiveGrid
 from lowbit.formats.codebook import CodebookGrid
 from lowbit.formats.quant_primitives import (
     affine_dequantize,
@@ -135,8 +136,8 @@ class MXIntGrid:
         return cls(int(meta["bits"]), int(meta["block_size"]), t["exponent"], int(meta["exp_bits"]))
 
 
-GRIDS = {"uniform": UniformGrid, "mxint": MXIntGrid, "codebook": CodebookGrid}
-Grid = UniformGrid | MXIntGrid | CodebookGrid
+GRIDS = {"uniform": UniformGrid, "mxint": MXIntGrid, "codebook": CodebookGrid, "additive": AdditiveGrid}
+Grid = UniformGrid | MXIntGrid | CodebookGrid | AdditiveGrid
 
 
 @dataclass
@@ -277,8 +278,10 @@ class QuantizedWeight:
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
-        if tuple(self.codes.shape) != self.shape:
-            raise LowbitError(f"codes shape {tuple(self.codes.shape)} does not match weight shape {self.shape}")
+        code_shape = getattr(self.grid, "code_shape", None)  # vector codes (additive): their own shape
+        expect = tuple(code_shape(self.shape)) if code_shape else self.shape
+        if tuple(self.codes.shape) != expect:
+            raise LowbitError(f"codes shape {tuple(self.codes.shape)} does not match the weight's {expect}")
 
     @property
     def bits(self) -> int:
@@ -389,7 +392,7 @@ class QuantizedWeight:
             if g.g_idx is not None:
                 need(g.group_size > 0 and tuple(g.g_idx.shape) == (cols,), f"g_idx shape {tuple(g.g_idx.shape)}")
                 need(cols == 0 or (0 <= int(g.g_idx.min()) and int(g.g_idx.max()) < G), "g_idx out of range")
-        elif isinstance(g, CodebookGrid):
+        elif isinstance(g, (CodebookGrid, AdditiveGrid)):
             g.check(self.shape, self.codes)
         else:
             need(g.block_size > 0, f"block size {g.block_size}")

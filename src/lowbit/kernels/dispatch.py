@@ -1,10 +1,10 @@
 """Which kernel runs a `QuantLinear`'s base GEMM, chosen by its `backend` setting.
 
 * `reference`: always the pure-torch path (dequantize once, cache, `F.linear`). Exact; the yardstick.
-* `auto` (default): the int4 / int8 kernels when they apply *and* the activations are bf16 (where the
-  ATen ops are fast), the reference otherwise. fp32 evaluation therefore stays bit-identical to the
-  reference. The LUT path is never chosen automatically: it saves memory but is ~100× slower than the
-  cached dequantized weight (`python bench/inference.py`), so it runs only with `kernel`.
+* `auto` (default): the int4 / int8 / LUT kernels when they apply *and* the activations are bf16 (where
+  the ATen ops are fast), the reference otherwise. fp32 evaluation therefore stays bit-identical to the
+  reference. The LUT path is chosen only when its native matvec built (`kernels.lut_native`): without
+  it the LUT path saves memory but is ~100× slower than the cached dequantized weight.
 * `kernel`: a kernel whenever one applies; fp32/fp16 activations are cast to bf16 for it and the output
   back. Layers no kernel can run (MXINT, outliers, act-order g_idx, odd shapes) use the reference.
 
@@ -39,6 +39,12 @@ def kernel_for(qw) -> str | None:
     return None
 
 
+def _native_lut() -> bool:
+    from lowbit.kernels import lut_native
+
+    return lut_native.library() is not None
+
+
 def _state(module: nn.Module, dtype: torch.dtype):
     st = getattr(module, "_kernel_state", None)
     if st is not None and st[0] == dtype:
@@ -67,7 +73,7 @@ def base_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if backend == "auto":
         if getattr(module, "_auto_kind", "?") == "?":
             module._auto_kind = kernel_for(module.qweight)
-        if module._auto_kind in (None, "lut"):
+        if module._auto_kind is None or (module._auto_kind == "lut" and not _native_lut()):
             return None
     _, kind, packed = _state(module, torch.bfloat16)
     if kind is None:
@@ -98,6 +104,6 @@ def set_backend(model: nn.Module, backend: str) -> dict[str, int]:
         if isinstance(m, QuantLinear):
             m.backend = backend
             k = "reference" if backend == "reference" else (kernel_for(m.qweight) or "reference")
-            k = "reference" if (backend == "auto" and k == "lut") else k
+            k = "reference" if (backend == "auto" and k == "lut" and not _native_lut()) else k
             counts[k] = counts.get(k, 0) + 1
     return counts

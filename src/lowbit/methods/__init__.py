@@ -15,7 +15,8 @@ from lowbit.errors import LowbitError, config_error
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods.claq import claq_quantize
 from lowbit.methods.awq import awq_quantize
-from lowbit.methods.config import (AWQConfig, ClaqConfig, GPTQConfig, HQQConfig, MethodConfig, QuantEaseConfig, RTNConfig,
+from lowbit.methods.aqlm import aqlm_quantize
+from lowbit.methods.config import (AQLMConfig, AWQConfig, ClaqConfig, GPTQConfig, HQQConfig, MethodConfig, QuantEaseConfig, RTNConfig,
                                    SqueezeLLMConfig)
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.hqq import hqq_quantize
@@ -25,10 +26,11 @@ from lowbit.methods.rtn import rtn_quantize
 from lowbit.methods.squeezellm import squeezellm_quantize
 from lowbit.methods.stats import LayerStats, StatsAccumulator
 
-__all__ = ["AWQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "QuantEaseConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
+__all__ = ["AQLMConfig", "AWQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "QuantEaseConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
            "needs_activation_stats", "needs_calibration", "parse_method_config", "quantize_weight"]
 
-MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig | QuantEaseConfig,
+MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig | QuantEaseConfig
+                              | AQLMConfig,
                               Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(MethodConfigField)
 
@@ -60,6 +62,10 @@ def _quantease(W: torch.Tensor, stats: LayerStats | None, config: QuantEaseConfi
     return quantease_quantize(W, None if stats is None else stats.hessian, config, return_loss=True)
 
 
+def _aqlm(W: torch.Tensor, stats: LayerStats | None, config: AQLMConfig) -> Result:
+    return aqlm_quantize(W, None if stats is None else stats.hessian, config, return_loss=True)
+
+
 def _awq(W: torch.Tensor, stats: LayerStats | None, config: AWQConfig) -> Result:
     return awq_quantize(W, stats, config, return_loss=True)
 
@@ -73,6 +79,7 @@ _METHODS: dict[str, tuple[Callable[..., Result], bool | Callable[..., bool]]] = 
     "hqq": (_hqq, False),
     "awq": (_awq, True),
     "quantease": (_quantease, True),
+    "aqlm": (_aqlm, True),
 }
 
 
@@ -113,7 +120,8 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodCon
 
 def parse_method_config(d: dict | MethodConfig) -> MethodConfig:
     """Build the right config from a dict with a `method` key (YAML recipes and CLI flags share this)."""
-    if isinstance(d, (RTNConfig, GPTQConfig, ClaqConfig, SqueezeLLMConfig, HQQConfig, AWQConfig, QuantEaseConfig)):
+    if isinstance(d, (RTNConfig, GPTQConfig, ClaqConfig, SqueezeLLMConfig, HQQConfig, AWQConfig, QuantEaseConfig,
+                      AQLMConfig)):
         return d
     try:
         return _ADAPTER.validate_python(d)

@@ -305,4 +305,31 @@ class AWQConfig(WeightQuantConfig):
         return self
 
 
-MethodConfig = RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig | QuantEaseConfig
+class AQLMConfig(WeightQuantConfig):
+    """AQLM (Egiazarian et al., ICML 2024): additive multi-codebook vector quantization, "MxB g" =
+    `num_codebooks` codebooks of 2^`nbits_per_codebook` vectors of `in_group_size` input columns, one fp16
+    scale per output row (`methods.aqlm`, `formats.additive`). Code bits per weight: M·B/g (2x8 g8: 2).
+    `bits` and `group_size` of the shared settings do not apply."""
+
+    method: Literal["aqlm"] = "aqlm"
+    num_codebooks: int = Field(2, ge=1, le=8)
+    nbits_per_codebook: int = Field(8, ge=1, le=16)
+    in_group_size: int = Field(8, ge=1, le=64)
+    beam_size: int = Field(8, ge=1)
+    rounds: int = Field(4, ge=1)  # (codebooks, scales, codes) updates
+    cg_iters: int = Field(25, ge=1)  # conjugate-gradient steps of the codebook least squares
+    kmeans_iters: int = Field(20, ge=1)  # per residual k-means stage of the init
+    damp_percent: float = Field(0.01, ge=0, lt=1)
+    seed: int = 0
+
+    @field_validator("nbits_per_codebook")
+    @classmethod
+    def _storable(cls, v: int) -> int:
+        if not (v <= 8 or v == 16):
+            raise ValueError(f"codes of {v} bits: choose 1-8 (packed) or 16")
+        return v
+
+
+MethodConfig = (RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig | QuantEaseConfig
+                | AQLMConfig)
+
