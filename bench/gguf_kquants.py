@@ -58,8 +58,7 @@ def main() -> None:
 
     from lowbit.eval.llama_cpp import LlamaCppLM
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        LlamaCppLM = None  # noqa: N806
+    have_cpp = importlib.util.find_spec("llama_cpp") is not None
     rows = {}
     for mix in args.mixes:
         for codes in ("nearest", "imatrix", "gptq"):
@@ -76,7 +75,7 @@ def main() -> None:
             row = {"mix": mix, "codes": codes, "bits_per_weight": s["bits_per_weight"], "types": s["types"],
                    "ppl": ev["ppl"], "kl": ev["kl"], "top1_agreement": ev["top1_agreement"],
                    "export_seconds": round(export_s, 1), "file_mb": round((out / "model.gguf").stat().st_size / 2**20, 1)}
-            if LlamaCppLM is not None:
+            if have_cpp:
                 rt = LlamaCppLM(out / "model.gguf", n_ctx=windows.shape[1])
                 try:
                     t0 = time.perf_counter()
@@ -95,7 +94,7 @@ def main() -> None:
     res = {"profile": args.profile, "imatrix_seconds": round(imatrix_s, 1),
            "imatrix_windows": [proto.calib_samples, proto.calib_seqlen], "runs": rows,
            "reader": "transformers from_pretrained(gguf_file=) (gguf-py dequantization); llama.cpp via "
-                     "llama-cpp-python" + (" (not installed: no llama.cpp columns)" if LlamaCppLM is None else ""),
+                     "llama-cpp-python" + ("" if have_cpp else " (not installed: no llama.cpp columns)"),
            "provenance": provenance(ref, proto)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.additive import AdditiveGrid
+from lowbit.formats.additive import AdditiveGrid, additive_vectors
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods import LayerStats, parse_method_config, quantize_weight
 from lowbit.methods import aqlm as A
@@ -37,7 +37,7 @@ def test_beam_search_with_a_full_beam_is_brute_force():
     C = torch.randn(M, K, g, generator=gen)
     V = torch.randn(rows, g, generator=gen)
     codes = torch.randint(0, K, (rows, 1, M), generator=gen)
-    U = A._gather(C, codes)
+    U = additive_vectors(C, codes)
     U, codes = A._beam_search(V, U.clone(), codes.clone(), C, H, beam_size=K**M, row_chunk=4)
     for r in range(rows):
         def err(b, r=r):
@@ -58,7 +58,7 @@ def test_codebook_update_is_the_least_squares_solution():
     H = _spd(cols, 3)
     s = torch.rand(rows, generator=gen) + 0.5
     codes = torch.randint(0, K, (rows, cols // g, M), generator=gen)
-    C = A._update_codebooks(W, s, codes, torch.zeros(M, K, g), H, iters=200)
+    C = A._update_codebooks(W @ H, s, codes, torch.zeros(M, K, g), H, iters=200)
     # Ŵ = diag(s)·D·c with D the 0/1 design matrix of the codes, c the codewords flattened [M·K·g]
     D = torch.zeros(rows * cols, M * K * g, dtype=torch.float64)
     for r, j, m in itertools.product(range(rows), range(cols // g), range(M)):
@@ -67,7 +67,7 @@ def test_codebook_update_is_the_least_squares_solution():
     L = torch.linalg.cholesky(torch.kron(torch.eye(rows, dtype=torch.float64), H.double()))
     # ‖(W − Ŵ)‖²_H per row = ‖Lᵀ vec(W − Ŵ)‖²
     sol = torch.linalg.lstsq(L.T @ D, L.T @ W.double().reshape(-1, 1)).solution.reshape(M, K, g)
-    f = lambda Cb: A.objective(W, s[:, None] * A._gather(Cb, codes).reshape(rows, cols), H)  # noqa: E731
+    f = lambda Cb: A.objective(W, s[:, None] * additive_vectors(Cb, codes).reshape(rows, cols), H)  # noqa: E731
     assert f(C) <= f(sol.float()) * (1 + 1e-5)
 
 
@@ -93,9 +93,9 @@ def test_objective_never_rises_and_beats_scalar_codebooks_at_matched_bits():
 def test_storage_round_trip_and_honest_bits():
     W = torch.randn(40, 64, generator=torch.Generator().manual_seed(6))
     for B in (4, 16):
-        cfg = _cfg(nbits_per_codebook=B, rounds=1, kmeans_iters=2)
-        qw = quantize_weight(W, LayerStats(hessian=torch.eye(64)), cfg) if B == 4 else None
-        if qw is None:  # 16-bit codes: a hand-made grid (a 65536-word codebook fit is a bench, not a test)
+        if B == 4:
+            qw = quantize_weight(W, LayerStats(hessian=torch.eye(64)), _cfg(rounds=1, kmeans_iters=2))
+        else:  # 16-bit codes: a hand-made grid (a 65536-word codebook fit is a bench, not a test)
             grid = AdditiveGrid(2, 16, 4, torch.randn(2, 2**16, 4).half(), torch.rand(40).half() + 0.5)
             qw = QuantizedWeight((40, 64), torch.float32, grid, torch.randint(0, 2**16, (40, 16, 2), dtype=torch.int32))
         t, meta = qw.to_state()

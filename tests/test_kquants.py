@@ -226,7 +226,7 @@ def test_gptq_export_lowers_each_layers_output_error(wide_model, tmp_path):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from lowbit.exporters.gguf import gguf_name
+    from lowbit.exporters.gguf import _permute_rows, gguf_name
     from lowbit.exporters.gguf_kquants import collect_imatrix, export_gguf_kquants
     from lowbit.io.native import load_model
     from lowbit.pipeline.collect import collect_stats
@@ -242,9 +242,9 @@ def test_gptq_export_lowers_each_layers_output_error(wide_model, tmp_path):
     stats = collect_stats(model, names, windows)
     for name in names:
         key = gguf_name(f"{name}.weight")
-        if key.endswith(("attn_q.weight", "attn_k.weight")):
-            continue  # rows permuted for llama.cpp's rotary layout; the others are stored as they are
         W = model.get_submodule(name).weight.detach().double()
+        if key.endswith(("attn_q.weight", "attn_k.weight")):  # stored with llama.cpp's rotary row order
+            W = torch.from_numpy(_permute_rows(W.numpy(), 4 if ".attn_q." in key else 2))
         H = stats[name].hessian.double()
         e = {}
         for label, t in (("near", near[key]), ("gptq", swept[key])):

@@ -192,9 +192,11 @@ def export_gguf_kquants(model_dir: str | Path, out: str | Path, mix: str = "Q4_K
 
     hessians = None
     if gptq is not None:
-        hessians = _Hessians(model, [layer(n) for n in names if swept(n)], gptq, hessian_budget, progress)
-        if tied and imatrix is None:  # the tied embedding's scales: the output layer's mean x²
-            imatrix = {"lm_head": collect_imatrix(model, gptq)["lm_head"]}
+        # the tied embedding's scales want the output layer's mean x² = diag H / 2: its H comes first
+        first = ["lm_head"] if (tied and imatrix is None and layer("model.embed_tokens.weight")) else []
+        hessians = _Hessians(model, first + [layer(n) for n in names if swept(n)], gptq, hessian_budget, progress)
+        if first:
+            imatrix = {"lm_head": hessians.pop("lm_head").diagonal() / 2}
     tensors, types, bits, params = [], {}, 0, 0
     for name in progress_iter(names, f"gguf {mix}", progress):
         t = state[name].float()

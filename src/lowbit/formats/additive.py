@@ -26,6 +26,14 @@ Tensors = dict[str, torch.Tensor]
 CODE_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # packed bitstreams up to 8 bits; 16: plain uint16
 
 
+def additive_vectors(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Σ_m C_m[b[..., m]]: codebooks [M, K, g], codes [..., M] → [..., g] in the codebooks' dtype."""
+    out = codebooks[0][codes[..., 0].long()]
+    for m in range(1, codebooks.shape[0]):
+        out = out + codebooks[m][codes[..., m].long()]
+    return out
+
+
 @dataclass
 class AdditiveGrid:
     num_codebooks: int
@@ -43,17 +51,10 @@ class AdditiveGrid:
     def code_shape(self, shape: tuple[int, int]) -> tuple[int, int, int]:
         return (shape[0], shape[1] // self.in_group_size, self.num_codebooks)
 
-    def vectors(self, codes: torch.Tensor) -> torch.Tensor:
-        """Σ_m C_m[b[..., m]] in float32: codes [..., M] → [..., g] (before the row scale)."""
-        cb = self.codebooks.float()
-        out = cb[0][codes[..., 0].long()]
-        for m in range(1, self.num_codebooks):
-            out += cb[m][codes[..., m].long()]
-        return out
-
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         rows, J, _ = codes.shape
-        return (self.vectors(codes) * self.scale.float()[:, None, None]).reshape(rows, J * self.in_group_size)
+        v = additive_vectors(self.codebooks.float(), codes)  # summed in float32
+        return (v * self.scale.float()[:, None, None]).reshape(rows, J * self.in_group_size)
 
     def codes_storage(self, shape: tuple[int, int]) -> int:
         rows, J, M = self.code_shape(shape)

@@ -171,10 +171,20 @@ def _check(W: torch.Tensor, qtype: str, importance: torch.Tensor | None) -> tupl
     return rows, cols
 
 
+def _crumbs(a: torch.Tensor) -> torch.Tensor:
+    """Four 2-bit fields [..., 4, n] → bytes [..., n]: field k at bit 2k."""
+    a = a.to(torch.uint8)
+    return a[..., 0, :] | (a[..., 1, :] << 2) | (a[..., 2, :] << 4) | (a[..., 3, :] << 6)
+
+
+def _bit_planes(bits: torch.Tensor) -> torch.Tensor:
+    """Eight 1-bit fields [..., 8, n] → bytes [..., n]: field s at bit s (Q3_K's hmask, Q5_K's fifth bits)."""
+    return (bits.to(torch.int32) << torch.arange(8, dtype=torch.int32)[:, None]).sum(-2).to(torch.uint8)
+
+
 def _two_bit_planes(L: torch.Tensor) -> torch.Tensor:
     """Q2_K / Q3_K: 256 two-bit codes [..., 256] → 64 bytes; position 128h + 32k + l at bit 2k of byte 32h + l."""
-    L = L.reshape(*L.shape[:-1], 2, 4, 32).to(torch.uint8)
-    return (L[..., 0, :] | (L[..., 1, :] << 2) | (L[..., 2, :] << 4) | (L[..., 3, :] << 6)).reshape(*L.shape[:-3], 64)
+    return _crumbs(L.reshape(*L.shape[:-1], 2, 4, 32)).reshape(*L.shape[:-1], 64)
 
 
 def _read_two_bit_planes(qs: torch.Tensor) -> torch.Tensor:
@@ -268,7 +278,6 @@ def _fit_q2_k(x, imp) -> BlockFit:
 
 
 def _pack_q2_k(h, q):
-    R, nb, _ = q.shape
     scales = h["sc"].to(torch.uint8) | (h["m"].to(torch.uint8) << 4)
     return torch.cat([scales, _two_bit_planes(q), _fp16_bytes(h["d"]), _fp16_bytes(h["dmin"])], dim=-1)
 
@@ -283,12 +292,11 @@ def _fit_q3_k(x, imp) -> BlockFit:
 
 def _pack_q3_k(h, q):
     R, nb, _ = q.shape
-    hmask = ((q >> 2).reshape(R, nb, 8, 32) << torch.arange(8, dtype=torch.uint8)[:, None]).sum(2).to(torch.uint8)
+    hmask = _bit_planes((q >> 2).reshape(R, nb, 8, 32))  # bit k of byte m: position 32k + m
     u = (h["sc"] + 32).to(torch.uint8)  # [R, nb, 16]
     scales = torch.empty(R, nb, 12, dtype=torch.uint8)
     scales[..., 0:8] = (u[..., 0:8] & 15) | ((u[..., 8:16] & 15) << 4)
-    top = (u >> 4).reshape(R, nb, 4, 4)  # [.., j div 4, j mod 4]
-    scales[..., 8:12] = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
+    scales[..., 8:12] = _crumbs((u >> 4).reshape(R, nb, 4, 4))  # [.., j div 4, j mod 4]
     return torch.cat([hmask, _two_bit_planes(q & 3), scales, _fp16_bytes(h["d"])], dim=-1)
 
 
@@ -318,8 +326,7 @@ def _pack_k_affine(h, q):
 def _pack_q5_k(h, q):
     R, nb, _ = q.shape
     out = _pack_k_affine(h, q & 15)  # the Q4_K layout, then the fifth bits inserted after the scales:
-    hi = (q.reshape(R, nb, 8, 32) >> 4).to(torch.int32)  # bit s of high-bit byte i is sub-block s's weight i
-    qh = (hi << torch.arange(8, dtype=torch.int32)[:, None]).sum(2).to(torch.uint8)
+    qh = _bit_planes(q.reshape(R, nb, 8, 32) >> 4)  # bit s of high-bit byte i is sub-block s's weight i
     return torch.cat([out[..., :16], qh, out[..., 16:]], dim=-1)
 
 
@@ -334,8 +341,7 @@ def _pack_q6_k(h, q):
     R, nb, _ = q.shape
     q = q.reshape(R, nb, 2, 128)  # halves h of 128 positions
     ql = (q[..., :64] & 15) | ((q[..., 64:] & 15) << 4)  # [R, nb, 2, 64]
-    hi = q >> 4
-    qh = hi[..., 0:32] | (hi[..., 32:64] << 2) | (hi[..., 64:96] << 4) | (hi[..., 96:128] << 6)  # [R, nb, 2, 32]
+    qh = _crumbs((q >> 4).reshape(R, nb, 2, 4, 32))  # [R, nb, 2, 32]
     scales = h["sc"].to(torch.int8).view(torch.uint8)
     return torch.cat([ql.reshape(R, nb, 128), qh.reshape(R, nb, 64), scales, _fp16_bytes(h["d"])], dim=-1)
 

@@ -78,10 +78,9 @@ def lut_dequantize_rows(p: LutPacked, r0: int, r1: int) -> torch.Tensor:
     from lowbit.kernels import lut_native
 
     if p.axis == "additive":
-        codes, tab = p.codes[r0:r1].long(), p.table.float()  # sums in float32, as dequantize()
-        v = tab[0][codes[..., 0]]
-        for m in range(1, tab.shape[0]):
-            v += tab[m][codes[..., m]]
+        from lowbit.formats.additive import additive_vectors
+
+        v = additive_vectors(p.table.float(), p.codes[r0:r1])  # summed in float32, as dequantize()
         return (v * p.scale[r0:r1, None, None]).reshape(r1 - r0, -1).to(p.table.dtype)
 
     codes = lut_native.unblock_rows(p.codes, r0, r1) if p.blocked else p.codes[r0:r1]

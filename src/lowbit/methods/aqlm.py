@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.additive import AdditiveGrid
+from lowbit.formats.additive import AdditiveGrid, additive_vectors
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods.config import AQLMConfig
 from lowbit.methods.validate import check_hessian, check_weight
@@ -72,14 +72,6 @@ def _nearest(X: torch.Tensor, C: torch.Tensor, chunk: int = 32768):
     return idx, dist
 
 
-def _gather(C: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """U: Σ_m C[m][codes[..., m]] → [rows, J, g]."""
-    U = C[0][codes[..., 0]]
-    for m in range(1, C.shape[0]):
-        U = U + C[m][codes[..., m]]
-    return U
-
-
 def _scatter(X: torch.Tensor, codes: torch.Tensor, shape) -> torch.Tensor:
     """Aᵀ: add every vector of X [rows, J, g] onto the codewords its codes name → [M, K, g]."""
     M, K, g = shape
@@ -90,15 +82,16 @@ def _scatter(X: torch.Tensor, codes: torch.Tensor, shape) -> torch.Tensor:
     return out
 
 
-def _update_codebooks(W, s, codes, C, H, iters: int):
-    rows, cols = W.shape
+def _update_codebooks(WH, s, codes, C, H, iters: int):
+    """`WH` = W·H (constant over the rounds)."""
+    rows, cols = WH.shape
     J, g = codes.shape[1], C.shape[2]
     sc = s[:, None, None]
 
     def op(P):
-        return _scatter(sc * ((sc * _gather(P, codes)).reshape(rows, cols) @ H).reshape(rows, J, g), codes, C.shape)
+        return _scatter(sc * ((sc * additive_vectors(P, codes)).reshape(rows, cols) @ H).reshape(rows, J, g), codes, C.shape)
 
-    rhs = _scatter(sc * (W @ H).reshape(rows, J, g), codes, C.shape)
+    rhs = _scatter(sc * WH.reshape(rows, J, g), codes, C.shape)
     r = rhs - op(C)
     p, rr = r.clone(), float(r.square().sum())
     tol = 1e-10 * max(float(rhs.square().sum()), 1e-30)
@@ -117,8 +110,8 @@ def _update_codebooks(W, s, codes, C, H, iters: int):
     return C
 
 
-def _update_scales(W, U, H, s):
-    num = ((W @ H) * U).sum(1)
+def _update_scales(WH, U, H, s):
+    num = (WH * U).sum(1)
     den = ((U @ H) * U).sum(1)
     ok = den > 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), s)
@@ -193,18 +186,19 @@ def aqlm_quantize(W: torch.Tensor, hessian: torch.Tensor | None, config: AQLMCon
         codes[..., m] = a.reshape(rows, J)
         R -= C[m][a]
     del R
-    history = [objective(Wf, s[:, None] * _gather(C, codes).reshape(rows, cols), H)]  # the init's
+    history = [objective(Wf, s[:, None] * additive_vectors(C, codes).reshape(rows, cols), H)]  # the init's
     row_chunk = max(1, (1 << 24) // (config.beam_size * K))  # bounds the [rows, beam, K] score tensor
+    WH = Wf @ H
     for _ in range(config.rounds):
-        C = _update_codebooks(Wf, s, codes, C, H, config.cg_iters)
-        U = _gather(C, codes)
-        s = _update_scales(Wf, U.reshape(rows, cols), H, s)
+        C = _update_codebooks(WH, s, codes, C, H, config.cg_iters)
+        U = additive_vectors(C, codes)
+        s = _update_scales(WH, U.reshape(rows, cols), H, s)
         U, codes = _beam_search(Wf / s[:, None], U, codes, C, H, config.beam_size, row_chunk)
         history.append(objective(Wf, s[:, None] * U.reshape(rows, cols), H))
     # 4. as stored: fp16 codebooks, scales refitted to them, fp16
     C16 = C.half()
-    U = _gather(C16.float(), codes).reshape(rows, cols)
-    s16 = _update_scales(Wf, U, H, s).half()
+    U = additive_vectors(C16.float(), codes).reshape(rows, cols)
+    s16 = _update_scales(WH, U, H, s).half()
     if not bool(torch.isfinite(s16).all()):
         raise LowbitError("AQLM: a row scale overflows fp16")
     code_dtype = torch.uint8 if B <= 8 else torch.int32

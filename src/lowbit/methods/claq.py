@@ -39,9 +39,8 @@ import torch
 from lowbit.formats.codebook import encode_codebook, make_codebook_grid
 from lowbit.formats.quantized_weight import Outliers, QuantizedWeight
 from lowbit.methods.config import ClaqConfig
-from lowbit.methods.gptq import gptq_sweep, inverse_cholesky_upper, prepare_hessian
+from lowbit.methods.gptq import gptq_sweep, sweep_operands
 from lowbit.methods.kmeans import kmeans_1d, nearest
-from lowbit.methods.validate import check_hessian, check_weight
 
 DYNAMIC_TOP_COLUMNS, DYNAMIC_HIGH_P, DYNAMIC_LOW_P = 0.10, 0.014, 0.004
 
@@ -214,12 +213,7 @@ def claq_quantize(W: torch.Tensor, hessian: torch.Tensor, cfg: ClaqConfig, *, fe
                   dtype: torch.dtype = torch.float32, return_loss: bool = False):
     """CLAQ-quantize W [out, in] given H [in, in]. `feedback=False` drops GPTQ's error propagation
     (plain per-column k-means of the dead-fixed W, same AP/OR): the ablation baseline."""
-    check_weight(W)
-    check_hessian(hessian, W.shape[1])
-    Wf, H, perm = prepare_hessian(W.to(dtype), hessian.to(dtype), cfg.act_order, cfg.damp_percent)
-    box = [H]
-    del H  # needed only until its factor exists
-    U = inverse_cholesky_upper(box)
+    Wf, U, perm = sweep_operands(W, hessian, cfg.act_order, cfg.damp_percent, dtype)
     order = column_ranking(Wf, U, cfg.ap_metric, cfg.outlier_threshold)
     grid = ClaqColumnGrid(adaptive_bits(order, cfg), outlier_tails(order, cfg, W.shape[0]), cfg,
                           row_scales(Wf, cfg.row_scale))

@@ -69,6 +69,18 @@ def inverse_cholesky_upper(H: torch.Tensor | list) -> torch.Tensor:
         ) from e
 
 
+def sweep_operands(W: torch.Tensor, hessian: torch.Tensor, act_order: bool, damp_percent: float,
+                   dtype: torch.dtype = torch.float32):
+    """Checked inputs → (W, U, perm) in sweep order for `gptq_sweep` (U: upper Cholesky factor of the damped
+    H⁻¹); the damped copy of H lives only until its factor exists."""
+    check_weight(W)
+    check_hessian(hessian, W.shape[1])
+    Wf, H, perm = prepare_hessian(W.to(dtype), hessian.to(dtype), act_order, damp_percent)
+    box = [H]
+    del H
+    return Wf, inverse_cholesky_upper(box), perm
+
+
 def gptq_sweep(W: torch.Tensor, U: torch.Tensor, grid: ColumnGrid, block_size: int = 128):
     """The column sweep with lazy block updates. W [out, in] and U in sweep order; W is overwritten.
 
@@ -108,12 +120,7 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, grid: ColumnGrid, block_size: i
 def gptq_quantize(W: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig,
                   dtype: torch.dtype = torch.float32, return_loss: bool = False):
     """GPTQ-quantize W [out, in] given H [in, in]. `dtype` is the arithmetic (float64 for references)."""
-    check_weight(W)
-    check_hessian(hessian, W.shape[1])
-    Wf, H, perm = prepare_hessian(W.to(dtype), hessian.to(dtype), config.act_order, config.damp_percent)
-    box = [H]
-    del H  # the damped copy is needed only until its factor exists
-    U = inverse_cholesky_upper(box)
+    Wf, U, perm = sweep_operands(W, hessian, config.act_order, config.damp_percent, dtype)
     inv = None if perm is None else torch.argsort(perm)
     # Static params come from W in original column order (the dead-fixed W, before the sweep mutates it).
     W0 = Wf if inv is None else Wf[:, inv]

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats.kquants import BLOCKS, BlockFit, fit
-from lowbit.methods.gptq import gptq_sweep, inverse_cholesky_upper, prepare_hessian
-from lowbit.methods.validate import check_hessian, check_weight
+from lowbit.methods.gptq import gptq_sweep, sweep_operands
 
 
 class BlockFitColumnGrid:
@@ -58,14 +57,9 @@ def gptq_block_codes(W: torch.Tensor, hessian: torch.Tensor, qtype: str, importa
                      damp_percent: float = 0.01) -> tuple[BlockFit, torch.Tensor]:
     """(the block fit, codes uint8 [rows, cols]) for `kquants.pack`, chosen by GPTQ's sweep on H [cols, cols];
     `importance` [cols] (default diag H / 2) weights each block's scale fit."""
-    check_weight(W)
-    check_hessian(hessian, W.shape[1])
     if importance is None:
         importance = hessian.diagonal().float() / 2
-    Wf, H, _ = prepare_hessian(W.float(), hessian.float(), False, damp_percent)
-    box = [H]
-    del H
-    U = inverse_cholesky_upper(box)
+    Wf, U, _ = sweep_operands(W, hessian, False, damp_percent)
     grid = BlockFitColumnGrid(qtype, *W.shape, importance)
     # lazy blocks of one ggml block: every fit then sees the weights updated by all earlier columns (the
     # sweep fits a group from the block-level W, which lags inside a lazy block)
