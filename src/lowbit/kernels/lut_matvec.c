@@ -120,10 +120,12 @@ void lut_row_matvec(const float *x, int64_t M, int64_t K, const float *table, co
 /* Additive codes (AQLM): ŵ[r, j·g : (j+1)·g] = s_r · Σ_m C_m[b[r, j, m]].
  *   y_r = s_r · Σ_{j,m} P[j, m, b[r, j, m]],  P[j, m, k] = C_m[k] · x[j·g : (j+1)·g]  (J·M·K dot products per
  *   activation row, formed by the caller). The inner loop is one table look-up and an add per code, M
- *   codes per g weights: 16 consecutive (j, m) codes of a row are gathered at once on AVX-512. The codes
- *   are walked in chunks of CHUNK (j, m) positions, all rows per chunk, so that the chunk's slice of P
- *   (CHUNK·K floats: 128 KB for K = 256) stays in the core's cache instead of the whole table (1 MB for a
- *   4096-wide 2x8 layer).
+ *   codes per g weights. The look-ups are plain scalar loads into 8 independent sums: on the Zen 4 of
+ *   bench/results/inference.md they run at ~2 loads per cycle, where a 16-lane AVX-512 gather took 40 %
+ *   longer (1.73 vs 1.25 ms on a 4096² 2x8 layer). The codes are walked in chunks of CHUNK (j, m)
+ *   positions, all rows per chunk, so that the chunk's slice of P (CHUNK·K floats: 128 KB for K = 256)
+ *   stays in L2 instead of the whole table (1 MB for a 4096-wide 2x8 layer); 16 and 32 were slower
+ *   (per-row overhead), 256 no faster.
  * P [Mx, J·M·K] (Mx activation rows), codes uint8 [N, J·M], scale [N], y [Mx, N] */
 #define CHUNK 128
 void additive_matvec(const float *P, int64_t Mx, int64_t JM, int64_t K, const uint8_t *codes, const float *scale,
@@ -140,16 +142,20 @@ void additive_matvec(const float *P, int64_t Mx, int64_t JM, int64_t K, const ui
                     const float *p = P + m * JM * K;
                     float s = 0.0f;
                     int64_t i = i0;
-#if defined(__AVX512F__)
-                    const __m512i ramp = _mm512_mullo_epi32(
-                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)K));
-                    __m512 acc = _mm512_setzero_ps();
-                    for (; i + 16 <= i1; i += 16) {
-                        __m512i idx = _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i))), ramp);
-                        acc = _mm512_add_ps(acc, _mm512_i32gather_ps(idx, p + i * K, 4));
+                    float a[8] = {0};
+                    for (; i + 8 <= i1; i += 8) {
+                        const float *pi = p + i * K;
+                        const uint8_t *qi = q + i;
+                        a[0] += pi[qi[0]];
+                        a[1] += pi[K + qi[1]];
+                        a[2] += pi[2 * K + qi[2]];
+                        a[3] += pi[3 * K + qi[3]];
+                        a[4] += pi[4 * K + qi[4]];
+                        a[5] += pi[5 * K + qi[5]];
+                        a[6] += pi[6 * K + qi[6]];
+                        a[7] += pi[7 * K + qi[7]];
                     }
-                    s = _mm512_reduce_add_ps(acc);
-#endif
+                    s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
                     for (; i < i1; i++) s += p[i * K + q[i]];
                     y[m * N + r] += s;
                 }
