@@ -66,9 +66,17 @@ def _ptq() -> dict[str, dict]:
     s["aqlm-2x8-g8-fast"] = {"quant": {"method": "aqlm", "num_codebooks": 2, "nbits_per_codebook": 8,
                                        "in_group_size": 8, "rounds": 1, "beam_size": 4, "cg_iters": 15,
                                        "kmeans_iters": 10}}
+    # AQLM's block fine-tuning on the fast start: 20 Adam steps per block on codebooks and scales (codes
+    # fixed), lr 1e-3 for so short a budget (the authors: 1e-4, epochs over 1k+ sequences with early stop)
+    s["aqlm-2x8-g8-fast-ft"] = {"quant": {**s["aqlm-2x8-g8-fast"]["quant"], "finetune_steps": 20,
+                                          "finetune_lr": 1e-3}}
     # QuantEase: coordinate descent on the same static grid as GPTQ, from W (the paper) and from GPTQ
     s["quantease-w3-g128"] = _q("quantease", 3, 128)
     s["quantease-gptq-w3-g128"] = _q("quantease", 3, 128, init="gptq")
+    # LRQ: block reconstruction per channel (the paper's grid), 100 steps per block (the authors run 5000:
+    # what 2 CPU cores allow), the authors' rates and clipping rule
+    s["lrq-w4-pc"] = _q("lrq", 4, -1, iters=100)
+    s["lrq-w3-pc"] = _q("lrq", 3, -1, iters=100)
     return s
 
 

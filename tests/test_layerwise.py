@@ -151,3 +151,15 @@ def test_bad_checkpoints_and_recipes_are_refused(checkpoint, tmp_path):
         jobs.quantize_job(str(src), tmp_path / "q", GPTQ, load="lazy")
     with pytest.raises(LowbitError, match="no safetensors"):
         lazy.TensorSource(src)
+
+
+def test_lrq_layer_by_layer_gives_the_identical_file(checkpoint, tmp_path):
+    """Block reconstruction needs only the current float block (its outputs are the target): loaded one
+    block at a time it writes exactly what the whole-model run writes."""
+    src = checkpoint("llama", torch.float32)
+    lrq = make_recipe({"quant": {"method": "lrq", "bits": 3, "iters": 4, "rank": 2}}, source="test")
+    s = jobs.quantize_job(str(src), tmp_path / "layers", lrq, load="layers", progress=False)
+    jobs.quantize_job(str(src), tmp_path / "whole", lrq, load="whole", progress=False)
+    assert s["load"] == "layers"
+    a, b = load_file(tmp_path / "layers" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

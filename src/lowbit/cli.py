@@ -44,7 +44,7 @@ def clean_errors(fn):
 def quantize(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: Optional[str] = typer.Option(None, help="rtn | gptq | claq | squeezellm | hqq | awq | quantease | aqlm (default gptq, or the recipe's)."),
+    method: Optional[str] = typer.Option(None, help="rtn | gptq | claq | squeezellm | hqq | awq | quantease | aqlm | lrq (default gptq, or the recipe's)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits: 2-8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128; a layer whose input dim it does not divide gets a partial last group)."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (default asymmetric)."),
@@ -108,8 +108,8 @@ def quantize(
         q.update(num_codebooks=m_, nbits_per_codebook=b_)
     if aqlm_group is not None:
         q["in_group_size"] = aqlm_group
-    if q.get("method", base.quant.method) in ("claq", "squeezellm") and group_size is None:
-        q["group_size"] = -1  # one codebook per column / row: a recipe's group size does not carry over
+    if q.get("method", base.quant.method) in ("claq", "squeezellm", "lrq") and group_size is None:
+        q["group_size"] = -1  # a codebook per column / row, LRQ's s₁ per channel: a recipe's group size does not carry over
     lq = {k: v for k, v in dict(rank=lqer_rank, scale=lqer_scale, factor_dtype=lqer_factors,
                                  rank_energy=lqer_energy, target_bits=lqer_bits).items() if v is not None}
     if lq:

@@ -96,6 +96,8 @@ def describe(recipe: Recipe) -> str:
     parts = [q.method, f"w{q.bits}"]
     if q.method == "aqlm":  # "MxB gG": the codebooks are the grid
         parts, gs = [q.method, f"{q.num_codebooks}x{q.nbits_per_codebook} g{q.in_group_size}"], None
+        if q.finetune_steps:
+            parts.append(f"block-tuned {q.finetune_steps} steps")
     if getattr(q, "format", "int") == "mxint":  # the shared-exponent block is the grouping
         parts.append(f"mxint b{q.block_size}")
     elif gs is not None:
@@ -105,6 +107,8 @@ def describe(recipe: Recipe) -> str:
         parts.append(f"on {q.base}")
     if getattr(q, "init", None) == "gptq" and q.method == "quantease":
         parts.append("from gptq")
+    if q.method == "lrq":  # the step budget tells LRQ runs apart (the authors': 5000 per block)
+        parts.append(("flexround" if q.rank == 0 else f"r{q.rank}" if q.rank else "r/4") + f" {q.iters} steps")
     if getattr(q, "codebook_bits", 16) != 16:
         parts.append(f"cb{q.codebook_bits}")
     if getattr(q, "target_bits", None):

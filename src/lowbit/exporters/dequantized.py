@@ -8,11 +8,17 @@ from pathlib import Path
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.exporters.card import model_card
 from lowbit.exporters.common import Source, hf_weight, plain_tensors, write_output
 
 
 def dequantized_tensors(src: Source, dtype: torch.dtype, *, include_lowrank: bool = True) -> dict[str, torch.Tensor]:
+    post = [n for n, q in src.qweights.items() if getattr(q.grid, "post_norm", False)]
+    if post:
+        raise LowbitError(f"{post[0]} normalises its output (OneBit's parameter-free LayerNorm after the sign "
+                          f"matmul): no dense weight computes that, so a plain checkpoint cannot hold it; keep "
+                          f"the native format ({len(post)} such layers)")
     t = plain_tensors(src, dtype)
     for name, qw in src.qweights.items():
         lr = qw.lowrank

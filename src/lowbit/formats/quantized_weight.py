@@ -18,6 +18,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats import packing
 from lowbit.formats.additive import AdditiveGrid
+from lowbit.formats.binary import SignGrid
 from lowbit.formats.codebook import CodebookGrid
 from lowbit.formats.quant_primitives import (
     affine_dequantize,
@@ -136,8 +137,9 @@ class MXIntGrid:
         return cls(int(meta["bits"]), int(meta["block_size"]), t["exponent"], int(meta["exp_bits"]))
 
 
-GRIDS = {"uniform": UniformGrid, "mxint": MXIntGrid, "codebook": CodebookGrid, "additive": AdditiveGrid}
-Grid = UniformGrid | MXIntGrid | CodebookGrid | AdditiveGrid
+GRIDS = {"uniform": UniformGrid, "mxint": MXIntGrid, "codebook": CodebookGrid, "additive": AdditiveGrid,
+         "sign": SignGrid}
+Grid = UniformGrid | MXIntGrid | CodebookGrid | AdditiveGrid | SignGrid
 
 
 @dataclass
@@ -392,7 +394,7 @@ class QuantizedWeight:
             if g.g_idx is not None:
                 need(g.group_size > 0 and tuple(g.g_idx.shape) == (cols,), f"g_idx shape {tuple(g.g_idx.shape)}")
                 need(cols == 0 or (0 <= int(g.g_idx.min()) and int(g.g_idx.max()) < G), "g_idx out of range")
-        elif isinstance(g, (CodebookGrid, AdditiveGrid)):
+        elif isinstance(g, (CodebookGrid, AdditiveGrid, SignGrid)):
             g.check(self.shape, self.codes)
         else:
             need(g.block_size > 0, f"block size {g.block_size}")

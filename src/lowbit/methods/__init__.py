@@ -16,8 +16,8 @@ from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods.claq import claq_quantize
 from lowbit.methods.awq import awq_quantize
 from lowbit.methods.aqlm import aqlm_quantize
-from lowbit.methods.config import (AQLMConfig, AWQConfig, ClaqConfig, GPTQConfig, HQQConfig, MethodConfig, QuantEaseConfig, RTNConfig,
-                                   SqueezeLLMConfig)
+from lowbit.methods.config import (AQLMConfig, AWQConfig, ClaqConfig, GPTQConfig, HQQConfig, LRQConfig, MethodConfig,
+                                   QuantEaseConfig, RTNConfig, SqueezeLLMConfig)
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.hqq import hqq_quantize
 from lowbit.methods.lqer import lqer
@@ -26,11 +26,11 @@ from lowbit.methods.rtn import rtn_quantize
 from lowbit.methods.squeezellm import squeezellm_quantize
 from lowbit.methods.stats import LayerStats, StatsAccumulator
 
-__all__ = ["AQLMConfig", "AWQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "QuantEaseConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
+__all__ = ["AQLMConfig", "AWQConfig", "LRQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "QuantEaseConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
            "needs_activation_stats", "needs_calibration", "parse_method_config", "quantize_weight"]
 
 MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig | QuantEaseConfig
-                              | AQLMConfig,
+                              | AQLMConfig | LRQConfig,
                               Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(MethodConfigField)
 
@@ -66,6 +66,11 @@ def _aqlm(W: torch.Tensor, stats: LayerStats | None, config: AQLMConfig) -> Resu
     return aqlm_quantize(W, None if stats is None else stats.hessian, config, return_loss=True)
 
 
+def _lrq(W: torch.Tensor, stats: LayerStats | None, config: LRQConfig) -> Result:
+    raise LowbitError("lrq learns a whole decoder block against the float block's outputs: it runs through "
+                      "quantize_model (lowbit quantize), not layer by layer")
+
+
 def _awq(W: torch.Tensor, stats: LayerStats | None, config: AWQConfig) -> Result:
     return awq_quantize(W, stats, config, return_loss=True)
 
@@ -80,6 +85,7 @@ _METHODS: dict[str, tuple[Callable[..., Result], bool | Callable[..., bool]]] = 
     "awq": (_awq, True),
     "quantease": (_quantease, True),
     "aqlm": (_aqlm, True),
+    "lrq": (_lrq, True),
 }
 
 
@@ -121,7 +127,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodCon
 def parse_method_config(d: dict | MethodConfig) -> MethodConfig:
     """Build the right config from a dict with a `method` key (YAML recipes and CLI flags share this)."""
     if isinstance(d, (RTNConfig, GPTQConfig, ClaqConfig, SqueezeLLMConfig, HQQConfig, AWQConfig, QuantEaseConfig,
-                      AQLMConfig)):
+                      AQLMConfig, LRQConfig)):
         return d
     try:
         return _ADAPTER.validate_python(d)

@@ -21,7 +21,9 @@ of one layer against its calibration objective
 4. The codebooks and scales are rounded to fp16 (as stored) and the scales refitted against the rounded
    codebooks.
 
-Not here (yet): the block-wise fine-tuning of codebooks/scales on block outputs and end-to-end KD.
+Block fine-tuning (recipe `finetune_steps` > 0): after a block's layers are quantized, Adam on their
+codebooks and row scales, codes fixed, against the float block's outputs (`pipeline.reconstruct.
+tune_additive_block`, driven by the calibration pipeline). Not here: the paper's end-to-end KD.
 """
 
 from __future__ import annotations

@@ -321,6 +321,10 @@ class AQLMConfig(WeightQuantConfig):
     kmeans_iters: int = Field(20, ge=1)  # per residual k-means stage of the init
     damp_percent: float = Field(0.01, ge=0, lt=1)
     seed: int = 0
+    # block fine-tuning (the authors' finetune_groupwise): Adam steps on each block's codebooks and row
+    # scales (codes fixed) against the float block's outputs, one calibration batch per step; 0 = off
+    finetune_steps: int = Field(0, ge=0)
+    finetune_lr: float = Field(1e-4, gt=0)
 
     @field_validator("nbits_per_codebook")
     @classmethod
@@ -330,6 +334,44 @@ class AQLMConfig(WeightQuantConfig):
         return v
 
 
+class LRQConfig(WeightQuantConfig):
+    """LRQ (Lee et al., NAACL 2025): block-wise reconstruction with low-rank weight-scaling matrices,
+    Ŵ = s₁·clamp(⌊W ⊘ (s₁·exp(L₂U₂ + r₂ + c₂))⌉, −z, 2^b−1−z) (`methods.lrq`, driven block by block by
+    `pipeline.reconstruct`). The result is a plain asymmetric uniform grid (per channel by default, the
+    paper's; g > 0 gives per-group s₁ and z)."""
+
+    method: Literal["lrq"] = "lrq"
+    group_size: GroupSize = -1
+    # r of L₂ [out, r] and U₂ [r, in]; None: ⌈min(out, in)/4⌉ (the ratio of the authors' r = 1024 on
+    # LLaMA-2-7B's 4096² layers); 0: FlexRound's full matrix S₂ instead of L₂U₂ + r₂ + c₂
+    rank: int | None = Field(None, ge=0)
+    iters: int = Field(5000, ge=0)  # Adam steps per block (the authors' 5000)
+    lr: float | None = Field(None, gt=0)  # None: the authors' LLaMA-2-7B rates, W4 9e-4, W3 6e-4, W4A8 5e-4
+    batch_size: int = Field(2, ge=1)  # calibration windows per step (the authors' 2)
+    # the L_p grid search of the initial s₁ (100 clipping ratios, p = 2.4); None: the authors' choice, on
+    # for W3 and W4A8, off (min-max) for W4
+    clipping: bool | None = None
+    lp: float = Field(2.4, gt=0)
+    clip_grid: int = Field(100, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _asymmetric(self):
+        if self.symmetric:
+            raise ValueError("LRQ fits an asymmetric grid with an integer zero point per channel: symmetric false")
+        if self.group_size == 0:
+            raise ValueError("LRQ learns s₁ per output channel (group_size -1) or per group (g > 0), not per tensor")
+        return self
+
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 5e-4 if self.act is not None else 9e-4 if self.bits >= 4 else 6e-4
+
+    def clip(self) -> bool:
+        return self.clipping if self.clipping is not None else (self.bits < 4 or self.act is not None)
+
+
 MethodConfig = (RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig | QuantEaseConfig
-                | AQLMConfig)
+                | AQLMConfig | LRQConfig)
 

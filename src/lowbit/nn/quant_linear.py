@@ -73,6 +73,13 @@ class QuantLinear(nn.Module):
             from lowbit.nn.act_quant import fake_quantize_act
 
             x = fake_quantize_act(x, self.act)
+        if getattr(self.qweight.grid, "post_norm", False):
+            # OneBit's Post-LN: a parameter-free LayerNorm over the output features, before the bias
+            y = self.base_gemm(x)
+            if self.qweight.lowrank is not None:
+                y = y + self.lowrank_branch(x)
+            y = nn.functional.layer_norm(y, (self.out_features,))
+            return y if bias is None else y + bias
         if self.qweight.lowrank is None:
             return self.base_gemm(x, bias)
         # y = x·Ŵᵀ + (x·A)·B without materialising Ŵ + (AB)ᵀ

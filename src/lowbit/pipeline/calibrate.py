@@ -38,7 +38,7 @@ from lowbit.progress import OptionalProgress, peak_memory_mb
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods import MethodConfig, StatsAccumulator, needs_activation_stats, needs_calibration, quantize_weight
 from lowbit.methods.stats import output_error
-from lowbit.pipeline.block_runner import BlockRunner
+from lowbit.pipeline.block_runner import BlockRunner, run_block
 from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
 from lowbit.models.dataflow import sequential_groups
 from lowbit.models.experts import expert_layers, unfuse_experts
@@ -151,6 +151,10 @@ class _Bars(OptionalProgress):
     def block_done(self) -> None:
         if self.p:
             self.p.update(self.blocks, advance=1)
+
+    def step(self, loss: float) -> None:  # one step of a block reconstruction (the layers bar counts steps)
+        if self.p:
+            self.p.update(self.layers, advance=1, description=f"reconstruction loss {loss:.4g}")
 
 
 # ---- capture of the first block's inputs (the "Catcher")
@@ -305,6 +309,16 @@ def quantize_model(
     plan.warn_unused()
     if not configs:
         raise LowbitError("include/ignore patterns leave no layer to quantize")
+    # Block reconstruction (LRQ) learns all of a block's layers at once against the float block's output.
+    recon = [c for c in configs.values() if c.method == "lrq"]
+    if recon:
+        if len(recon) != len(configs):
+            raise LowbitError("lrq reconstructs whole blocks: every quantized layer must use it (no mixing "
+                              "with other methods in one run)")
+        if parallel is not None:
+            raise LowbitError("lrq runs in one process (data-parallel calibration does not apply)")
+        batch_size = recon[0].batch_size  # the capture batch is the reconstruction step's batch
+        offload_activations = False
 
     needs = any(needs_calibration(c) for c in configs.values())
     has_data = calib is not None and calib.numel() > 0
@@ -362,6 +376,8 @@ def quantize_model(
                 store = (DiskBatches(Path(checkpoint_dir) / "activations" if checkpoint_dir is not None else None)
                          if offload_activations and adapter.blocks_path is not None else None)
                 hidden, ctxs = _block_inputs(model, adapter, blocks[0][1], local, batch_size, store)
+                if recon:  # the quantized-prefix stream X̃, then the float stream X (equal at block 0)
+                    hidden, ctxs = hidden + [h.clone() for h in hidden], ctxs + ctxs
                 if start > 0:
                     hidden = ckpt.load_inputs(start, len(hidden), hidden if store is not None else None)
                 if device is not None:  # the inputs live on the device (offloaded ones go there batch by batch)
@@ -378,11 +394,15 @@ def quantize_model(
                 t_block = time.perf_counter()
                 if source is not None:
                     template = load_block(block, name, source)
-                done = _quantize_block(model, block, i, groups[i], configs, hidden, ctxs, use_data, measure,
-                                       bars, on_layer, records, prefix=name, advance=use_data and not last,
-                                       cache_budget=cache_budget, experts=experts,
-                                       traced=traced if adapter.blocks_path is not None else None,
-                                       parallel=parallel, device=device, lean=source is not None)
+                if recon:
+                    done = _reconstruct_block(model, block, i, [n for g in groups[i] for n in g], configs, hidden,
+                                              ctxs, bars, on_layer, records, advance=not last, device=device)
+                else:
+                    done = _quantize_block(model, block, i, groups[i], configs, hidden, ctxs, use_data, measure,
+                                           bars, on_layer, records, prefix=name, advance=use_data and not last,
+                                           cache_budget=cache_budget, experts=experts,
+                                           traced=traced if adapter.blocks_path is not None else None,
+                                           parallel=parallel, device=device, lean=source is not None)
                 if ckpt is not None:
                     ckpt.save_block(i, done, records, None if (last or not use_data) else hidden)
                 if source is None:
@@ -451,7 +471,17 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
         floor = 0 if lean else 2 << 30
         cache_budget = 0 if isinstance(hidden, DiskBatches) else max(floor, 2 * batches_bytes(hidden))
     budget = cache_budget
-    runner = (BlockRunner(model, block, prefix, hidden, ctxs, {n for g in groups for n in g}, budget)
+    names = [n for g in groups for n in g]
+    # AQLM's block fine-tuning: the float block's outputs on the block's (quantized-prefix) inputs, before
+    # any of its layers is quantized, are what the tuned block must reproduce
+    tune = use_data and any(getattr(configs[n], "finetune_steps", 0) for n in names)
+    targets = None
+    if tune:
+        if isinstance(hidden, DiskBatches) or parallel is not None:
+            raise LowbitError("AQLM block fine-tuning keeps the block's inputs and targets in memory in one process: "
+                              "drop --offload-activations / data-parallel calibration, or set finetune_steps 0")
+        targets = [run_block(block, hidden[b], ctxs[b]).float() for b in range(len(hidden))]
+    runner = (BlockRunner(model, block, prefix, hidden, ctxs, set(names), budget)
               if use_data else None)
     try:
         if traced is not None and use_data:
@@ -483,7 +513,22 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
                     on_layer(rec)
             if runner is not None:
                 runner.done(group)
-        if advance and runner is not None:
+        if tune:
+            from lowbit.pipeline.reconstruct import tune_additive_block
+
+            tuned, info = tune_additive_block(model, block, [n for n in names if getattr(configs[n], "finetune_steps", 0)],
+                                              configs, hidden, ctxs, targets, block_idx=idx, bars=bars)
+            out.update(tuned)
+            note = (f"block fine-tuned: loss {info['loss_start']:.4g} -> {info['loss_end']:.4g} after "
+                    f"{info['steps']} steps")
+            for rec in records:
+                if rec.block == idx:
+                    rec.note = note if rec.note is None else f"{rec.note}; {note}"
+            if advance:  # stored outputs of the runner predate the tuning: recompute
+                with torch.no_grad():
+                    for b in range(len(hidden)):
+                        hidden[b] = _f32(run_block(block, hidden[b], ctxs[b]))
+        elif advance and runner is not None:
             for b, h in enumerate(runner.outputs()):  # batch b's input is not read again after its output
                 hidden[b] = _f32(h)
     finally:
@@ -496,6 +541,37 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
             if isinstance(m, QuantLinear):
                 m._cache = None
     return out
+
+
+def _reconstruct_block(model, block, idx, names, configs, hidden, ctxs, bars, on_layer, records, advance: bool,
+                       device=None) -> dict[str, QuantizedWeight]:
+    """One block of LRQ (`pipeline.reconstruct`) in float32 on `device`; one record per layer."""
+    from lowbit.pipeline.reconstruct import reconstruct_block
+
+    dtype = _float_dtype(block)
+    block.float()
+    if device is not None:
+        block.to(device)
+    bars.block(names[0].rsplit(".", 2)[0] if names else "", configs[names[0]].iters if names else 0)
+    try:
+        done, info = reconstruct_block(model, block, names, configs, hidden, ctxs, block_idx=idx, advance=advance,
+                                       bars=bars)
+    finally:
+        if device is not None:
+            block.to("cpu")
+        if dtype not in (None, torch.float32):
+            block.to(dtype)
+    done = {n: model.get_submodule(n).qweight for n in done}
+    tokens = sum(h.shape[0] * h.shape[1] for h in hidden[:len(hidden) // 2]) if hidden and hidden[0].ndim == 3 else 0
+    note = (f"block loss {info['loss_start']:.4g} -> {info['loss_end']:.4g} after {info['steps']} steps "
+            f"({info['trainable']} parameters)")
+    for name, qw in done.items():
+        rec = LayerRecord(name, idx, tuple(qw.shape), "lrq", qw.bits, qw.bits_per_weight(),
+                          info["seconds"] / len(done), info["loss_end"], None, tokens, note)
+        records.append(rec)
+        if on_layer is not None:
+            on_layer(rec)
+    return done
 
 
 def _true_sequential(block, prefix, names, hidden, ctxs, traced: dict) -> list[list[str]]:

@@ -13,7 +13,7 @@ DATA_HELP = "Data directory (default: $LOWBIT_DATA, else ../shared/data when pre
 def finetune(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: str = typer.Option("l4q", help="l4q | lr-qat | qlora | lsq (full-weight QAT) | lora (float LoRA, no quantization)."),
+    method: str = typer.Option("l4q", help="l4q | lr-qat | qlora | lsq (full-weight QAT) | lora (float LoRA, no quantization) | onebit (1-bit sign ⊙ rank-1, use with --loss kd --kd-hidden 1)."),
     bits: int = typer.Option(4, help="Weight bits: 2-8."),
     group_size: int = typer.Option(128, help="Group size along the input dim; -1 per channel, 0 per tensor."),
     rank: int = typer.Option(4, help="LoRA / low-rank rank r."),
@@ -27,6 +27,7 @@ def finetune(
     micro_batch: Optional[int] = typer.Option(None, help="Windows per forward/backward (gradient accumulation)."),
     seqlen: int = typer.Option(256, help="Tokens per training window."),
     loss: str = typer.Option("ce", help="ce (next-token cross-entropy) | kd (KL to the unquantized model)."),
+    kd_hidden: float = typer.Option(0.0, help="kd: weight of the hidden-state alignment term (Σ over blocks of the squared distance of the L2-normalised hidden states per token; OneBit: 1)."),
     dataset: str = typer.Option("c4", help="c4 (C4 training documents) | text (a UTF-8 file) | jsonl (chat/instruction examples)."),
     data_file: Optional[Path] = typer.Option(None, help="The file for --dataset text / jsonl."),
     eval_every: int = typer.Option(0, help="Evaluate the held-out loss every N steps (0: at the end only)."),
@@ -46,7 +47,7 @@ def finetune(
     restart: bool = typer.Option(False, help="Ignore an existing checkpoint and start over."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
-    """Quantization-aware fine-tuning (L4Q, LR-QAT, QLoRA-style, LSQ, LoRA), exported to the native format.
+    """Quantization-aware fine-tuning (L4Q, LR-QAT, QLoRA-style, LSQ, LoRA, OneBit), exported to the native format.
     A killed run resumes from its last checkpoint when started again with the same command."""
     from rich.console import Console
 
@@ -70,10 +71,12 @@ def finetune(
         q.update(symmetric=symmetric, adapter_dtype=adapter_dtype)
     if method == "lora":
         q = {"method": "lora", "rank": rank, "alpha": alpha}
+    if method == "onebit":
+        q = {"method": "onebit"}
     qcfg = parse_qat_config(q)
     tcfg = parse_train_config(dict(
         steps=steps, lr=lr, lr_quant=lr_quant, weight_decay=weight_decay, batch_size=batch_size,
-        micro_batch=micro_batch, seqlen=seqlen, loss=loss, dataset=dataset,
+        micro_batch=micro_batch, seqlen=seqlen, loss=loss, kd_hidden=kd_hidden, dataset=dataset,
         data_path=str(data_file) if data_file else None, eval_every=eval_every, eval_windows=eval_windows,
         checkpoint_every=checkpoint_every, seed=seed))
     if nproc < 1:

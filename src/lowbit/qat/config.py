@@ -74,9 +74,21 @@ class LoRAConfig(_QATBase):
     method: Literal["lora"] = "lora"
 
 
-QATConfig = Annotated[L4QConfig | LSQConfig | LRQATConfig | QLoRAConfig | LoRAConfig, Field(discriminator="method")]
+class OneBitConfig(BaseModel):
+    """OneBit: sign(W) ⊙ h·gᵀ from SVID, a parameter-free LayerNorm after each linear, trained by KD
+    (train with `loss: kd` and `kd_hidden: 1`, the paper's objective)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["onebit"] = "onebit"
+    post_norm: bool = True  # the paper's Post-LN (without it the authors' training overflowed)
+    latent_init: float = Field(0.01, gt=0)  # latent weight = latent_init·sign(W) (the authors' 0.01)
+
+
+QATConfig = Annotated[L4QConfig | LSQConfig | LRQATConfig | QLoRAConfig | LoRAConfig | OneBitConfig,
+                      Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(QATConfig)
-METHODS = ("l4q", "lr-qat", "qlora", "lsq", "lora")
+METHODS = ("l4q", "lr-qat", "qlora", "lsq", "lora", "onebit")
 
 
 class TrainConfig(BaseModel):
@@ -97,6 +109,9 @@ class TrainConfig(BaseModel):
     micro_batch: int | None = Field(None, ge=1)  # windows per forward/backward (gradient accumulation)
     seqlen: int = Field(256, ge=8)
     loss: Literal["ce", "kd"] = "ce"  # next-token cross-entropy, or KL(teacher ‖ student) to the float model
+    # kd only: + kd_hidden · Σ_layers ‖h_T/‖h_T‖ − h_S/‖h_S‖‖² per token, the hidden states of every decoder
+    # block aligned after L2 normalisation (OneBit's second term, α = 1 in the paper)
+    kd_hidden: float = Field(0.0, ge=0)
     dataset: Literal["c4", "text", "jsonl"] = "c4"
     data_path: str | None = None  # for text / jsonl
     eval_every: int = Field(0, ge=0)  # 0: only at the end

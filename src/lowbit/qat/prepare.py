@@ -20,10 +20,11 @@ from lowbit.methods.validate import check_weight
 from lowbit.models.adapters import get_adapter, layer_weight
 from lowbit.nn.quant_linear import replace_module
 from lowbit.qat import grid
-from lowbit.qat.config import L4QConfig, LoRAConfig, LRQATConfig, LSQConfig, QLoRAConfig
+from lowbit.qat.config import L4QConfig, LoRAConfig, LRQATConfig, LSQConfig, OneBitConfig, QLoRAConfig
 from lowbit.qat.l4q import L4QLinear
 from lowbit.qat.lora import LoRALinear
 from lowbit.qat.lr_qat import LRQATLinear
+from lowbit.qat.onebit import OneBitLinear
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,6 +65,8 @@ def make_layer(name: str, module: nn.Module, cfg, index: int, seed: int, ptq: Qu
     check_weight(W, name)
     gen = torch.Generator().manual_seed(seed * 100_003 + index)
     bias = _bias(module)
+    if isinstance(cfg, OneBitConfig):
+        return OneBitLinear(W, bias, post_norm=cfg.post_norm, latent_init=cfg.latent_init)
     bits, gs = cfg.bits, cfg.group_size
     if isinstance(cfg, (L4QConfig, LSQConfig)):
         if ptq is not None:

@@ -43,25 +43,37 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, use_cache=False)
-    return out.logits if hasattr(out, "logits") else out[0]
+def _logits(model: nn.Module, ids: torch.Tensor, hidden: bool = False):
+    out = model(input_ids=ids, use_cache=False, **({"output_hidden_states": True} if hidden else {}))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return (logits, out.hidden_states[1:]) if hidden else logits
 
 
 def window_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, loss: str,
-                teacher: nn.Module | None = None) -> torch.Tensor:
-    """Σ over target tokens of the per-token loss (not averaged)."""
+                teacher: nn.Module | None = None, kd_hidden: float = 0.0) -> torch.Tensor:
+    """Σ over target tokens of the per-token loss (not averaged). `kd_hidden` (kd only): plus that weight
+    times Σ over decoder blocks of ‖h_T/‖h_T‖ − h_S/‖h_S‖‖² per token (OneBit's hidden-state term)."""
     dev = next(model.parameters()).device
     ids, mask = ids.to(dev), mask.to(dev)
-    logits = _logits(model, ids)[:, :-1].float()
+    hid = loss == "kd" and kd_hidden > 0
+    out = _logits(model, ids, hid)
+    logits, hs = out if hid else (out, None)
+    logits = logits[:, :-1].float()
     m = mask[:, 1:].to(logits.dtype)
     if loss == "ce":
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         return (nll * m.reshape(-1)).sum()
     with torch.no_grad():
-        lp = F.log_softmax(_logits(teacher, ids)[:, :-1].float(), dim=-1)
+        t_out = _logits(teacher, ids, hid)
+        t_logits, t_hs = t_out if hid else (t_out, None)
+        lp = F.log_softmax(t_logits[:, :-1].float(), dim=-1)
     kl = F.kl_div(F.log_softmax(logits, dim=-1), lp, reduction="none", log_target=True).sum(-1)
-    return (kl * m).sum()
+    total = (kl * m).sum()
+    if hid:  # every position whose next token is a target (the mask of the positions scored by the KL)
+        for s, t in zip(hs, t_hs):
+            d = F.normalize(s[:, :-1].float(), dim=-1) - F.normalize(t[:, :-1].float(), dim=-1)
+            total = total + kd_hidden * (d.pow(2).sum(-1) * m).sum()
+    return total
 
 
 @torch.no_grad()
@@ -224,7 +236,8 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
             loss_sum = 0.0
             for i in range(0, local, micro):
                 j = mine[i:i + micro]
-                loss = window_loss(model, train_w.ids[j], train_w.mask[j], tcfg.loss, teacher) / n_tgt
+                loss = window_loss(model, train_w.ids[j], train_w.mask[j], tcfg.loss, teacher,
+                                   tcfg.kd_hidden) / n_tgt
                 loss.backward()
                 loss_sum += float(loss.detach())
             plist = list(params.values())
