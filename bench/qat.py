@@ -1,10 +1,11 @@
-"""QAT on the reference model: RTN, GPTQ, QLoRA-style, LR-QAT and L4Q at 4/3/2 bits (group 128 or
+"""QAT on the reference model: RTN, GPTQ, QLoRA-style, LR-QAT, L4Q and LoQT at 4/3/2 bits (group 128 or
 `--group-size`), and the training-memory comparison L4Q vs LoRA vs full-weight LSQ QAT.
 
     python bench/qat.py --bits 3                 # one bit width (results merge into bench/results/qat.*)
     python bench/qat.py --bits 4 3 2 --steps 100
     python bench/qat.py --bits 3 --group-size 64 --methods gptq l4q lr-qat --init-from gptq
     python bench/qat.py --bits 3 --methods qlora --rank 2 --adapter-dtype int8   # bits matched to g64
+    python bench/qat.py --bits 3 --methods loqt loqt-lowrank   # LoQT re-quantized / kept as grid + factors
     python bench/qat.py --memory                 # peak memory per method, each in a fresh process
 
 Every run is its own `lowbit quantize` / `lowbit finetune` process with one torch thread (OMP_NUM_THREADS=1:
@@ -91,13 +92,17 @@ def quality(a) -> None:
                 row = {"method": method, "bits": bits, "group_size": g, "bits_per_weight": s["bits_per_weight"],
                        "steps": 0, "train_seconds": s["quantize_seconds"], "peak_memory_mb": s["peak_memory_mb"]}
             else:
-                cmd = [sys.executable, "-m", "lowbit.cli", "finetune", ref, "-o", str(out), "--method", method,
+                cmd = [sys.executable, "-m", "lowbit.cli", "finetune", ref, "-o", str(out),
+                       "--method", "loqt" if method.startswith("loqt") else method,
                        "--bits", str(bits), "--group-size", str(g), "--rank", str(a.rank), "--steps", str(a.steps),
                        "--lr", str(a.lr), "--lr-quant", str(a.lr_quant), "--batch-size", str(a.batch_size),
                        "--seqlen", "256", "--loss", a.loss, "--eval-every", "0", "--checkpoint-every", "0",
                        "--overwrite", "--quiet"]
                 if method == "qlora":
                     cmd += ["--init-from", "gptq", "--adapter-dtype", a.adapter_dtype]
+                if method.startswith("loqt"):  # merge gaps scaled to the run: τ = steps / 3 (the paper: 100 of 10k+)
+                    cmd += ["--update-gap", str(a.update_gap or max(1, a.steps // 3)),
+                            "--loqt-export", "lowrank" if method == "loqt-lowrank" else "requantize"]
                 if a.init_from and method in ("l4q", "lr-qat"):
                     cmd += ["--init-from", a.init_from]
                 _run(cmd)
@@ -123,7 +128,10 @@ NOTE = (
     "(seed 0, the same batches for every method), loss `kd` (KL to the fp model), AdamW, lr 2e-3 (adapters) and "
     "1e-4 (steps/offsets), 10% warm-up then cosine, grad clip 1, alpha/rank = 1/rank. QLoRA-style = GPTQ base + "
     "LoRA exported as a low-rank term (fp16 factors). L4Q: L4Q_init, learned step and integer-snapped offset per "
-    "group, LoRA merged before the quantizer. LR-QAT: min-max grid, fp32 Φ₀, learned s. GPTQ/RTN: the "
+    "group, LoRA merged before the quantizer. LR-QAT: min-max grid, fp32 Φ₀, learned s. LoQT: B trained beside "
+    "the grid, P from the SVD of ∇W, 5 compensation iterations, merged at steps 0, τ, 2τ+1 (τ = steps/3), scale 1; "
+    "`loqt` re-quantizes the final merge onto the first grid (a plain integer model), `loqt-lowrank` keeps B·P as "
+    "fp16 factors. GPTQ/RTN: the "
     "protocol's calibration windows. train_seconds = optimisation only (quantize seconds for PTQ) on 2 CPU "
     "cores; peak_memory_mb = VmHWM of the whole process (model load included).")
 
@@ -261,6 +269,7 @@ if __name__ == "__main__":
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--adapter-dtype", default="fp16", choices=["fp16", "int8"], help="qlora: adapter storage.")
+    ap.add_argument("--update-gap", type=int, default=None, help="loqt: τ (default steps // 3).")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lr-quant", type=float, default=1e-4)
     ap.add_argument("--loss", default="kd", choices=["ce", "kd"])
@@ -275,7 +284,7 @@ if __name__ == "__main__":
     ap.add_argument("--probe-model", default="reference", help=argparse.SUPPRESS)
     ap.add_argument("--probe-seqlen", type=int, default=256, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    a.order = ["rtn", "gptq", "qlora", "lr-qat", "l4q", "lsq", "lora"]
+    a.order = ["rtn", "gptq", "qlora", "lr-qat", "l4q", "loqt", "loqt-lowrank", "lsq", "lora"]
     if a.probe:
         probe(a.probe, a.memory_steps, a.batch_size, a.probe_model, a.probe_seqlen)
     elif a.memory:

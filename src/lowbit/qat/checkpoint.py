@@ -1,11 +1,12 @@
 """Resumable QAT state: trainable tensors + AdamW moments in safetensors, the rest in JSON, written atomically.
 
     .OUT.qat-partial/
-        state-000120.safetensors   param/<name>, adam/<name>/{exp_avg, exp_avg_sq, step}
+        state-000120.safetensors   param/<name>, adam/<name>/{exp_avg, exp_avg_sq, step}, state/<name>
         state.json                 {"format", "fingerprint", "step", "file", "history"}, replaced last
 
 `state.json` names the tensor file it belongs to and is replaced only after that file is complete, so a
-kill at any moment leaves either the previous consistent pair or the new one. The batch order and the
+kill at any moment leaves either the previous consistent pair or the new one. `state/` holds training state
+that is not a parameter but changes during training (LoQT's grid and projection after each merge). The batch order and the
 learning rate are functions of the step (`qat.data.batch_indices`), so nothing else is needed to continue
 bit-identically.
 """
@@ -40,9 +41,10 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 
 
 def save(root: Path, step: int, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
-         fingerprint: dict, history: list[dict]) -> None:
+         fingerprint: dict, history: list[dict], state: dict[str, torch.Tensor] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
+    tensors.update({f"state/{n}": t.detach().cpu().contiguous() for n, t in (state or {}).items()})
     for n, p in params.items():
         for k, v in opt.state.get(p, {}).items():
             if isinstance(v, torch.Tensor):
@@ -70,11 +72,12 @@ def _read_state(root: Path) -> dict | None:
 
 
 def load(root: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
-         fingerprint: dict) -> tuple[int, list[dict]]:
-    """Restore params and AdamW state in place; returns (step, history). (0, []) when there is nothing."""
+         fingerprint: dict) -> tuple[int, list[dict], dict[str, torch.Tensor]]:
+    """Restore params and AdamW state in place; returns (step, history, {name: state tensor}).
+    (0, [], {}) when there is nothing."""
     st = _read_state(root)
     if st is None:
-        return 0, []
+        return 0, [], {}
     old = st.get("fingerprint", {})
     changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
     if changed:
@@ -88,6 +91,7 @@ def load(root: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Opt
                 state = {k.rsplit("/", 1)[1]: v for k, v in t.items() if k.startswith(f"adam/{n}/")}
                 if state:
                     opt.state[p] = state
-        return int(st["step"]), list(st.get("history", []))
+        extra = {k[len("state/"):]: v for k, v in t.items() if k.startswith("state/")}
+        return int(st["step"]), list(st.get("history", [])), extra
     except (OSError, KeyError, RuntimeError, SafetensorError) as e:
         raise LowbitError(f"damaged QAT checkpoint in {root} ({e!r}); delete it to start over") from None

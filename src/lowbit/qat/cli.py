@@ -13,11 +13,11 @@ DATA_HELP = "Data directory (default: $LOWBIT_DATA, else ../shared/data when pre
 def finetune(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: str = typer.Option("l4q", help="l4q | lr-qat | qlora | lsq (full-weight QAT) | lora (float LoRA, no quantization) | onebit (1-bit sign ⊙ rank-1, use with --loss kd --kd-hidden 1)."),
+    method: str = typer.Option("l4q", help="l4q | lr-qat | qlora | lsq (full-weight QAT) | lora (float LoRA, no quantization) | onebit (1-bit sign ⊙ rank-1, use with --loss kd --kd-hidden 1) | loqt (low-rank factor merged into the quantized weight at growing gaps)."),
     bits: int = typer.Option(4, help="Weight bits: 2-8."),
-    group_size: int = typer.Option(128, help="Group size along the input dim; -1 per channel, 0 per tensor."),
-    rank: int = typer.Option(4, help="LoRA / low-rank rank r."),
-    alpha: float = typer.Option(1.0, help="Adapter scale numerator: the low-rank term is multiplied by alpha/rank."),
+    group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128; loqt 64)."),
+    rank: Optional[int] = typer.Option(None, help="LoRA / low-rank rank r (default 4; loqt 16)."),
+    alpha: float = typer.Option(1.0, help="Adapter scale numerator: the low-rank term is multiplied by alpha/rank (loqt: by alpha itself, the paper's s)."),
     init_from: Optional[str] = typer.Option(None, help="Start grid: none (L4Q_init / min-max) | rtn | gptq. qlora: the PTQ base (default gptq)."),
     steps: int = typer.Option(100, help="Optimizer steps."),
     lr: float = typer.Option(1e-3, help="Learning rate of the adapters (and of W for lsq)."),
@@ -37,8 +37,12 @@ def finetune(
     learn_offset: bool = typer.Option(True, "--learn-offset/--no-learn-offset", help="l4q/lsq: learn the LSQ+ offset b (off: symmetric, b = 0)."),
     base_dtype: str = typer.Option("fp32", help="l4q: storage of the frozen W0: fp32 | bf16 | fp16."),
     phi: str = typer.Option("fp32", help="lr-qat: storage of the frozen W0/s0: fp32 | bf16 | fp16 | fixed8 | int."),
-    symmetric: bool = typer.Option(False, "--sym/--asym", help="lr-qat / qlora: symmetric grid."),
+    symmetric: bool = typer.Option(False, "--sym/--asym", help="lr-qat / qlora / loqt: symmetric grid."),
     adapter_dtype: str = typer.Option("fp16", help="qlora: storage of the exported adapter: fp16 | int8 (per-row fp16 scales)."),
+    update_gap: int = typer.Option(100, help="loqt: steps to the first merge (τ); later gaps τ + ⌊ψ^k⌋."),
+    gap_growth: float = typer.Option(1.2, help="loqt: growth ψ of the merge gaps."),
+    compensation_iters: int = typer.Option(5, help="loqt: alternations of quantize / fit B at each merge (0: B starts at 0)."),
+    loqt_export: str = typer.Option("requantize", help="loqt: requantize (final merge re-quantized: a plain integer model) | lowrank (grid + fp16 factors)."),
     nproc: int = typer.Option(1, help="Spawn N local data-parallel processes (or launch with torchrun)."),
     threads: Optional[int] = typer.Option(None, help="torch threads per process."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N: where the model, adapters and optimizer live (auto: the first GPU when CUDA is available; data-parallel CUDA runs: each process on cuda:LOCAL_RANK, NCCL)."),
@@ -47,7 +51,7 @@ def finetune(
     restart: bool = typer.Option(False, help="Ignore an existing checkpoint and start over."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
-    """Quantization-aware fine-tuning (L4Q, LR-QAT, QLoRA-style, LSQ, LoRA, OneBit), exported to the native format.
+    """Quantization-aware fine-tuning (L4Q, LR-QAT, QLoRA-style, LSQ, LoRA, OneBit, LoQT), exported to the native format.
     A killed run resumes from its last checkpoint when started again with the same command."""
     from rich.console import Console
 
@@ -58,7 +62,8 @@ def finetune(
 
     if method not in METHODS:
         raise LowbitError(f"unknown finetune method {method!r}; choose one of {', '.join(METHODS)}")
-    q = {"method": method, "bits": bits, "group_size": group_size, "rank": rank, "alpha": alpha}
+    q = {"method": method, "bits": bits, "alpha": alpha}
+    q.update({k: v for k, v in (("group_size", group_size), ("rank", rank)) if v is not None})
     if init_from is not None:
         q["init_from"] = init_from
     if method in ("l4q", "lsq"):
@@ -70,7 +75,11 @@ def finetune(
     if method == "qlora":
         q.update(symmetric=symmetric, adapter_dtype=adapter_dtype)
     if method == "lora":
-        q = {"method": "lora", "rank": rank, "alpha": alpha}
+        q = {"method": "lora", "alpha": alpha, **({"rank": rank} if rank is not None else {})}
+    if method == "loqt":
+        q = {k: v for k, v in q.items() if k != "alpha"}
+        q.update(scale=alpha, symmetric=symmetric, update_gap=update_gap, gap_growth=gap_growth,
+                 compensation_iters=compensation_iters, export=loqt_export)
     if method == "onebit":
         q = {"method": "onebit"}
     qcfg = parse_qat_config(q)

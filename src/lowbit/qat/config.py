@@ -85,10 +85,29 @@ class OneBitConfig(BaseModel):
     latent_init: float = Field(0.01, gt=0)  # latent weight = latent_init·sign(W) (the authors' 0.01)
 
 
-QATConfig = Annotated[L4QConfig | LSQConfig | LRQATConfig | QLoRAConfig | LoRAConfig | OneBitConfig,
+class LoQTConfig(BaseModel):
+    """LoQT: W_q + s·B·P trained (B only, P from the gradient's SVD), merged and re-quantized at growing gaps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["loqt"] = "loqt"
+    bits: Bits = 4
+    group_size: GroupSize = 64  # the paper's NF4 blocks are 64 wide
+    symmetric: bool = False
+    rank: int = Field(16, ge=1)
+    scale: float = Field(1.0, gt=0)  # s multiplies B·P as is (the authors' lora_alpha, not alpha/rank)
+    update_gap: int = Field(100, ge=1)  # τ: the first gap; later ones τ + ⌊ψ^k⌋
+    gap_growth: float = Field(1.2, ge=1.0)  # ψ
+    compensation_iters: int = Field(5, ge=0)  # C of the (Q, B) alternation; 0: Q = q(W), B = 0
+    # Merges round onto the grid of the first quantization (False), or refit min-max at every merge (True).
+    regrid: bool = False
+    export: Literal["requantize", "lowrank"] = "requantize"
+
+
+QATConfig = Annotated[L4QConfig | LSQConfig | LRQATConfig | QLoRAConfig | LoRAConfig | OneBitConfig | LoQTConfig,
                       Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(QATConfig)
-METHODS = ("l4q", "lr-qat", "qlora", "lsq", "lora", "onebit")
+METHODS = ("l4q", "lr-qat", "qlora", "lsq", "lora", "onebit", "loqt")
 
 
 class TrainConfig(BaseModel):

@@ -15,7 +15,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_dir
 from lowbit.nn.quant_linear import QuantLinear, replace_module
-from lowbit.qat.config import LoRAConfig
+from lowbit.qat.config import LoQTConfig, LoRAConfig
 
 
 def _tokenizer_source(model_path: str, tokenizer):
@@ -49,7 +49,7 @@ def export(model: nn.Module, layers: dict[str, nn.Module], qcfg, tcfg, out: Path
     dtype = next(iter(model.parameters())).dtype
     qweights = {}
     for name, layer in layers.items():
-        qw = layer.export(dtype)
+        qw = layer.export(dtype, qcfg.export) if isinstance(qcfg, LoQTConfig) else layer.export(dtype)
         qweights[name] = qw
         replace_module(model, name, QuantLinear(qw, layer.bias))
     bits = sum(sum(q.storage().values()) for q in qweights.values())

@@ -20,8 +20,9 @@ from lowbit.methods.validate import check_weight
 from lowbit.models.adapters import get_adapter, layer_weight
 from lowbit.nn.quant_linear import replace_module
 from lowbit.qat import grid
-from lowbit.qat.config import L4QConfig, LoRAConfig, LRQATConfig, LSQConfig, OneBitConfig, QLoRAConfig
+from lowbit.qat.config import L4QConfig, LoQTConfig, LoRAConfig, LRQATConfig, LSQConfig, OneBitConfig, QLoRAConfig
 from lowbit.qat.l4q import L4QLinear
+from lowbit.qat.loqt import LoQTLinear
 from lowbit.qat.lora import LoRALinear
 from lowbit.qat.lr_qat import LRQATLinear
 from lowbit.qat.onebit import OneBitLinear
@@ -67,6 +68,10 @@ def make_layer(name: str, module: nn.Module, cfg, index: int, seed: int, ptq: Qu
     bias = _bias(module)
     if isinstance(cfg, OneBitConfig):
         return OneBitLinear(W, bias, post_norm=cfg.post_norm, latent_init=cfg.latent_init)
+    if isinstance(cfg, LoQTConfig):
+        return LoQTLinear(W, bias, bits=cfg.bits, group_size=cfg.group_size, rank=cfg.rank, scale=cfg.scale,
+                          compensation_iters=cfg.compensation_iters, symmetric=cfg.symmetric,
+                          regrid=cfg.regrid)
     bits, gs = cfg.bits, cfg.group_size
     if isinstance(cfg, (L4QConfig, LSQConfig)):
         if ptq is not None:

@@ -130,6 +130,27 @@ def _fingerprint(qcfg, tcfg: TrainConfig, model: nn.Module, windows: Windows, wo
             "process count": str(world.size)}
 
 
+def _reprojection_steps(qcfg, steps: int) -> set[int]:
+    """LoQT's merge-and-re-project steps; none for the other methods."""
+    from lowbit.qat.config import LoQTConfig
+    from lowbit.qat.loqt import update_steps
+
+    return set(update_steps(steps, qcfg.update_gap, qcfg.gap_growth)) if isinstance(qcfg, LoQTConfig) else set()
+
+
+def _layer_state(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Non-parameter state that training changes (layers with `state_tensors`), for the checkpoint."""
+    return {f"{n}.{k}": t for n, layer in layers.items() if hasattr(layer, "state_tensors")
+            for k, t in layer.state_tensors().items()}
+
+
+def _load_layer_state(layers: dict[str, nn.Module], saved: dict[str, torch.Tensor], device) -> None:
+    for n, layer in layers.items():
+        if hasattr(layer, "load_state_tensors"):
+            layer.load_state_tensors({k[len(n) + 1:]: v.to(device) for k, v in saved.items()
+                                      if k.startswith(n + ".") and "." not in k[len(n) + 1:]})
+
+
 def _calibration(tokenizer, model, tcfg: TrainConfig, data: str | None) -> torch.Tensor:
     from lowbit.jobs import calibration_data
     from lowbit.recipe import Recipe
@@ -216,7 +237,10 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
     if restart and world.main:
         shutil.rmtree(root, ignore_errors=True)
     dd.barrier(world)
-    start, history = ckpt.load(root, params, opt, fp) if tcfg.checkpoint_every else (0, [])
+    start, history, saved = ckpt.load(root, params, opt, fp) if tcfg.checkpoint_every else (0, [], {})
+    if saved:
+        _load_layer_state(layers, saved, device)
+    reproject_at = _reprojection_steps(qcfg, tcfg.steps)
     setup_s = time.perf_counter() - t_start
 
     initial = {}
@@ -234,6 +258,10 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
             n_tgt = target_count(train_w, idx)
             mine = idx[world.rank * local:(world.rank + 1) * local]
             loss_sum = 0.0
+            reproject = step in reproject_at
+            if reproject:
+                for layer in layers.values():
+                    layer.begin_reprojection()
             for i in range(0, local, micro):
                 j = mine[i:i + micro]
                 loss = window_loss(model, train_w.ids[j], train_w.mask[j], tcfg.loss, teacher,
@@ -241,11 +269,17 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
                 loss.backward()
                 loss_sum += float(loss.detach())
             plist = list(params.values())
-            dd.all_reduce_grads(plist, world)
             loss_sum = dd.all_reduce_sum(loss_sum, world)
-            if tcfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(plist, tcfg.grad_clip)
-            opt.step()
+            if reproject:  # LoQT: this batch only yields ∇W; merge, re-quantize, new P and B, fresh moments
+                for layer in layers.values():
+                    dd.all_reduce_grads([layer.merged_leaf], world)
+                    layer.reproject()
+                    opt.state.pop(layer.B, None)
+            else:
+                dd.all_reduce_grads(plist, world)
+                if tcfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(plist, tcfg.grad_clip)
+                opt.step()
             opt.zero_grad(set_to_none=True)
             tokens += tcfg.batch_size * tcfg.seqlen
             rec = {"step": step + 1, "loss": loss_sum, "lr": base_lrs[0] * f}
@@ -258,11 +292,14 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
                        ev=f"{evals[-1]['eval_nll']:.4f}" if evals else "—")
             if tcfg.checkpoint_every and ((step + 1) % tcfg.checkpoint_every == 0) and not last:
                 if world.main:
-                    ckpt.save(root, step + 1, params, opt, fp, history)
+                    ckpt.save(root, step + 1, params, opt, fp, history, _layer_state(layers))
                 dd.barrier(world)
             if on_step is not None:
                 on_step(step + 1, rec)
     train_s = time.perf_counter() - t0
+    for layer in layers.values():  # LoQT: the last merge and re-quantization, so that what is evaluated is what is saved
+        if hasattr(layer, "finalize"):
+            layer.finalize(qcfg.export)
     final_eval = evaluate(model, eval_w, tcfg.loss, teacher) if world.main else {}
     summary = {"method": qcfg.method, "bits": getattr(qcfg, "bits", None), "steps": tcfg.steps,
                "resumed_from_step": start, "processes": world.size,
