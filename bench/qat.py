@@ -100,6 +100,9 @@ def quality(a) -> None:
                        "--overwrite", "--quiet"]
                 if method == "qlora":
                     cmd += ["--init-from", "gptq", "--adapter-dtype", a.adapter_dtype]
+                if method == "spiel":  # quantized SpIEL on the GPTQ base (as qlora), trainable count = LoRA's
+                    cmd += ["--spiel-base", "gptq", "--density", f"{lora_density(base, a.rank):.6f}",
+                            "--reselect-every", str(max(2, a.steps // 4)), "--accumulate-steps", "2"]
                 if method.startswith("loqt"):  # merge gaps scaled to the run: τ = steps / 3 (the paper: 100 of 10k+)
                     cmd += ["--update-gap", str(a.update_gap or max(1, a.steps // 3)),
                             "--loqt-export", "lowrank" if method == "loqt-lowrank" else "requantize"]
@@ -119,6 +122,15 @@ def quality(a) -> None:
     print(results_table(rows, COLUMNS)[0])
 
 
+def lora_density(model, rank: int) -> float:
+    """The SpIEL density whose trainable count equals LoRA's at `rank` over the model's decoder linears."""
+    from lowbit.models.adapters import layer_weight
+    from lowbit.qat.prepare import linear_names
+
+    shapes = [layer_weight(model.get_submodule(n)).shape for n in linear_names(model)]
+    return sum(rank * (o + i) for o, i in shapes) / sum(o * i for o, i in shapes)
+
+
 NOTE = (
     "Reference model SmolLM2-135M-Instruct (dequantized Q4_1 weights). Evaluation: the protocol in each row's "
     "provenance (WikiText-2 test, seqlen 512, perplexity, KL(fp ‖ q) and top-1 agreement on the same windows). "
@@ -131,7 +143,9 @@ NOTE = (
     "group, LoRA merged before the quantizer. LR-QAT: min-max grid, fp32 Φ₀, learned s. LoQT: B trained beside "
     "the grid, P from the SVD of ∇W, 5 compensation iterations, merged at steps 0, τ, 2τ+1 (τ = steps/3), scale 1; "
     "`loqt` re-quantizes the final merge onto the first grid (a plain integer model), `loqt-lowrank` keeps B·P as "
-    "fp16 factors. GPTQ/RTN: the "
+    "fp16 factors. SpIEL: a sparse Δ on the GPTQ base with LoRA's trainable count (density = Σ r(in+out) / "
+    "Σ in·out), dropped and regrown every steps/4 steps (p₀ 0.2, 2 accumulation steps), exported as the GPTQ grid "
+    "plus the merged entries as fp16 outliers (values and positions counted). GPTQ/RTN: the "
     "protocol's calibration windows. train_seconds = optimisation only (quantize seconds for PTQ) on 2 CPU "
     "cores; peak_memory_mb = VmHWM of the whole process (model load included).")
 
@@ -170,7 +184,7 @@ def _save(rows: list[dict], a) -> None:
 
 def _wide_model():
     """A randomly initialised LLaMA whose linears dominate memory (hidden 1024, 4 layers, 50 M linear
-    weights): the regime of the paper's memory claim, which the 5.5M reference model is too small for."""
+    weights): the regime of the paper's memory claim, next to the reference model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -195,6 +209,8 @@ def probe(method: str, steps: int, batch: int, which: str = "reference", seqlen:
     d = {"method": method, "bits": 4, "group_size": 128, "rank": 4}
     if method == "lora":
         d = {"method": "lora", "rank": 4}
+    if method == "spiel":  # on the float base, as many trainable entries as LoRA r = 4
+        d = {"method": "spiel", "density": lora_density(model, 4)}
     if method == "qlora":
         d["init_from"] = "rtn"  # the base's provenance does not change training memory
     if method == "full-fp":
@@ -240,7 +256,7 @@ def memory(a) -> None:
 
     rows = []
     for which, batch, seqlen in (("reference", a.batch_size, 256), ("wide", 1, 128)):
-        for method in ("lora", "l4q", "qlora", "lr-qat", "lsq", "full-fp"):
+        for method in a.memory_methods:
             r = subprocess.run([sys.executable, __file__, "--probe", method, "--memory-steps", str(a.memory_steps),
                                 "--batch-size", str(batch), "--probe-model", which, "--probe-seqlen", str(seqlen)],
                                env=MEM_ENV, capture_output=True, text=True)
@@ -250,8 +266,9 @@ def memory(a) -> None:
                          **json.loads(r.stdout.strip().splitlines()[-1])})
             print(rows[-1], flush=True)
     note = (f"fp32 weights, {a.memory_steps} AdamW steps after the peak counter is reset; train_added_mb = VmHWM − "
-            "RSS before training. reference: the 5.5M reference model (3.5 M weights in its linears); wide: a random "
+            "RSS before training. reference: SmolLM2-135M (106 M weights in its linears); wide: a random "
             "LLaMA with hidden 1024, 4 layers (50 M weights in its linears). lora: LoRA r=4 on the float model; "
+            "spiel: SpIEL on the float model with LoRA r=4's trainable count (no reselection inside the probe); "
             "l4q: L4Q r=4, 4-bit g128, W₀ fp32; qlora: LoRA on a dequantized RTN base; lr-qat: r=4, fp32 Φ₀; "
             "lsq: every weight trainable with LSQ+ (full QAT); full-fp: plain full fine-tuning. One process per row.")
     note += (" Run with MALLOC_MMAP_THRESHOLD_=131072 so that freed large tensors leave the resident set"
@@ -280,11 +297,12 @@ if __name__ == "__main__":
     ap.add_argument("--work", default="/tmp/lowbit-bench-qat")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--memory-methods", nargs="+", default=["lora", "spiel", "l4q", "qlora", "lr-qat", "lsq", "full-fp"])
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--probe-model", default="reference", help=argparse.SUPPRESS)
     ap.add_argument("--probe-seqlen", type=int, default=256, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    a.order = ["rtn", "gptq", "qlora", "lr-qat", "l4q", "loqt", "loqt-lowrank", "lsq", "lora"]
+    a.order = ["rtn", "gptq", "qlora", "spiel", "lr-qat", "l4q", "loqt", "loqt-lowrank", "lsq", "lora"]
     if a.probe:
         probe(a.probe, a.memory_steps, a.batch_size, a.probe_model, a.probe_seqlen)
     elif a.memory:

@@ -109,7 +109,8 @@ def _check_not_input(model: nn.Module, tokenizer, out: Path) -> None:
 
 def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: str | Path, *,
                    tokenizer=None, recipe: dict | None = None, extra: dict | None = None,
-                   overwrite: bool = False, original_shapes: dict | None = None) -> Path:
+                   overwrite: bool = False, original_shapes: dict | None = None,
+                   sidecars: dict[str, tuple[dict, dict]] | None = None) -> Path:
     """Write `model` with `qweights` replacing the named modules' weights as a native lowbit directory.
 
     `model` may still hold the original modules or already have QuantLinears swapped in. `tokenizer` is
@@ -117,6 +118,8 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
     lowbit.json (and its `quant` part, or the dict itself, to `quantization_config.config`); the keys of
     `extra` (source_model, seed, timings, ...) go to the top level of lowbit.json. `original_shapes`
     (name → [out, in] before structured pruning) makes bits_per_weight count the original elements.
+    `sidecars`: {file name: (tensors, metadata)}, further safetensors files written into the same directory
+    (inside the same atomic write, hashed in lowbit.json), e.g. SpIEL's sparse delta.
     """
     out = Path(out_dir)
     _check_not_input(model, tokenizer, out)
@@ -148,6 +151,8 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        for fname, (t, meta) in (sidecars or {}).items():
+            save_file(t, str(tmp / fname), metadata=meta)
         write_metadata(tmp, config, tokenizer, recipe, extra)
     return out
 

@@ -13,7 +13,7 @@ DATA_HELP = "Data directory (default: $LOWBIT_DATA, else ../shared/data when pre
 def finetune(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: str = typer.Option("l4q", help="l4q | lr-qat | qlora | lsq (full-weight QAT) | lora (float LoRA, no quantization) | onebit (1-bit sign ⊙ rank-1, use with --loss kd --kd-hidden 1) | loqt (low-rank factor merged into the quantized weight at growing gaps)."),
+    method: str = typer.Option("l4q", help="l4q | lr-qat | qlora | lsq (full-weight QAT) | lora (float LoRA, no quantization) | onebit (1-bit sign ⊙ rank-1, use with --loss kd --kd-hidden 1) | loqt (low-rank factor merged into the quantized weight at growing gaps) | spiel (sparse Δ at fixed density, dropped and regrown)."),
     bits: int = typer.Option(4, help="Weight bits: 2-8."),
     group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128; loqt 64)."),
     rank: Optional[int] = typer.Option(None, help="LoRA / low-rank rank r (default 4; loqt 16)."),
@@ -37,11 +37,16 @@ def finetune(
     learn_offset: bool = typer.Option(True, "--learn-offset/--no-learn-offset", help="l4q/lsq: learn the LSQ+ offset b (off: symmetric, b = 0)."),
     base_dtype: str = typer.Option("fp32", help="l4q: storage of the frozen W0: fp32 | bf16 | fp16."),
     phi: str = typer.Option("fp32", help="lr-qat: storage of the frozen W0/s0: fp32 | bf16 | fp16 | fixed8 | int."),
-    symmetric: bool = typer.Option(False, "--sym/--asym", help="lr-qat / qlora / loqt: symmetric grid."),
+    symmetric: bool = typer.Option(False, "--sym/--asym", help="lr-qat / qlora / loqt / spiel: symmetric grid."),
     adapter_dtype: str = typer.Option("fp16", help="qlora: storage of the exported adapter: fp16 | int8 (per-row fp16 scales)."),
     update_gap: int = typer.Option(100, help="loqt: steps to the first merge (τ); later gaps τ + ⌊ψ^k⌋."),
     gap_growth: float = typer.Option(1.2, help="loqt: growth ψ of the merge gaps."),
     compensation_iters: int = typer.Option(5, help="loqt: alternations of quantize / fit B at each merge (0: B starts at 0)."),
+    density: float = typer.Option(0.01, help="spiel: trained entries per layer / its size."),
+    spiel_base: str = typer.Option("fp", help="spiel: fp (the float weights) | rtn | gptq (quantized SpIEL on --bits / --group-size)."),
+    reselect_every: int = typer.Option(20, help="spiel: steps between drop-and-grow (R)."),
+    accumulate_steps: int = typer.Option(5, help="spiel: steps of candidate gradients summed before each reselection (S)."),
+    drop_fraction: float = typer.Option(0.2, help="spiel: share of the entries replaced at the first reselection, decayed linearly to 0."),
     loqt_export: str = typer.Option("requantize", help="loqt: requantize (final merge re-quantized: a plain integer model) | lowrank (grid + fp16 factors)."),
     nproc: int = typer.Option(1, help="Spawn N local data-parallel processes (or launch with torchrun)."),
     threads: Optional[int] = typer.Option(None, help="torch threads per process."),
@@ -51,7 +56,7 @@ def finetune(
     restart: bool = typer.Option(False, help="Ignore an existing checkpoint and start over."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
-    """Quantization-aware fine-tuning (L4Q, LR-QAT, QLoRA-style, LSQ, LoRA, OneBit, LoQT), exported to the native format.
+    """Quantization-aware fine-tuning (L4Q, LR-QAT, QLoRA-style, LSQ, LoRA, OneBit, LoQT, SpIEL), exported to the native format.
     A killed run resumes from its last checkpoint when started again with the same command."""
     from rich.console import Console
 
@@ -80,6 +85,10 @@ def finetune(
         q = {k: v for k, v in q.items() if k != "alpha"}
         q.update(scale=alpha, symmetric=symmetric, update_gap=update_gap, gap_growth=gap_growth,
                  compensation_iters=compensation_iters, export=loqt_export)
+    if method == "spiel":
+        q = {k: v for k, v in q.items() if k in ("method", "bits", "group_size", "init_from")}
+        q.update(density=density, base=spiel_base, symmetric=symmetric, reselect_every=reselect_every,
+                 accumulate_steps=accumulate_steps, drop_fraction=drop_fraction)
     if method == "onebit":
         q = {"method": "onebit"}
     qcfg = parse_qat_config(q)

@@ -104,10 +104,27 @@ class LoQTConfig(BaseModel):
     export: Literal["requantize", "lowrank"] = "requantize"
 
 
-QATConfig = Annotated[L4QConfig | LSQConfig | LRQATConfig | QLoRAConfig | LoRAConfig | OneBitConfig | LoQTConfig,
-                      Field(discriminator="method")]
+class SpIELConfig(BaseModel):
+    """SpIEL-AG: a sparse Δ at fixed density on the float or a quantized base, dropped by |δ| and regrown by
+    accumulated |∇W| every `reselect_every` steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["spiel"] = "spiel"
+    density: float = Field(0.01, gt=0, le=1)  # k / numel per layer (the paper's 1 %)
+    base: Literal["fp", "rtn", "gptq"] = "fp"  # rtn / gptq: quantized SpIEL on lowbit's grid
+    bits: Bits = 4  # of a quantized base
+    group_size: GroupSize = 128
+    symmetric: bool = False
+    reselect_every: int = Field(20, ge=1)  # R
+    accumulate_steps: int = Field(5, ge=1)  # S: gradient accumulation window before a reselection
+    drop_fraction: float = Field(0.2, ge=0, le=1)  # p₀, decayed linearly to 0 over training
+
+
+QATConfig = Annotated[L4QConfig | LSQConfig | LRQATConfig | QLoRAConfig | LoRAConfig | OneBitConfig | LoQTConfig
+                      | SpIELConfig, Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(QATConfig)
-METHODS = ("l4q", "lr-qat", "qlora", "lsq", "lora", "onebit", "loqt")
+METHODS = ("l4q", "lr-qat", "qlora", "lsq", "lora", "onebit", "loqt", "spiel")
 
 
 class TrainConfig(BaseModel):

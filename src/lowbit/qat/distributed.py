@@ -62,6 +62,13 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world: World) -> None:
         i += n
 
 
+def all_reduce_tensor(t: torch.Tensor, world: World) -> torch.Tensor:
+    """The sum of `t` over processes (in place; returned)."""
+    if world.size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_reduce_sum(x: float, world: World) -> float:
     if world.size <= 1:
         return x

@@ -15,7 +15,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_dir
 from lowbit.nn.quant_linear import QuantLinear, replace_module
-from lowbit.qat.config import LoQTConfig, LoRAConfig
+from lowbit.qat.config import LoQTConfig, LoRAConfig, SpIELConfig
 
 
 def _tokenizer_source(model_path: str, tokenizer):
@@ -28,7 +28,12 @@ def export(model: nn.Module, layers: dict[str, nn.Module], qcfg, tcfg, out: Path
     """Swap the trained layers for their exported form and save `out`. Returns {bits_per_weight, out}."""
     extra = {"source_model": str(model_path), "summary": summary, "history": history,
              "finetune": {"method": qcfg.model_dump(), "train": tcfg.model_dump()}}
-    if isinstance(qcfg, LoRAConfig):
+    sidecars = {}
+    if isinstance(qcfg, SpIELConfig):
+        from lowbit.qat.spiel import DELTA_FILE, delta_tensors
+
+        sidecars[DELTA_FILE] = delta_tensors(layers)
+    if isinstance(qcfg, LoRAConfig) or (isinstance(qcfg, SpIELConfig) and qcfg.base == "fp"):
         for name, layer in layers.items():
             lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
             with torch.no_grad():
@@ -38,6 +43,10 @@ def export(model: nn.Module, layers: dict[str, nn.Module], qcfg, tcfg, out: Path
             replace_module(model, name, lin)
         with atomic_dir(out, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
+            from safetensors.torch import save_file
+
+            for fname, (t, meta) in sidecars.items():
+                save_file(t, str(tmp / fname), metadata=meta)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             import json
@@ -57,5 +66,6 @@ def export(model: nn.Module, layers: dict[str, nn.Module], qcfg, tcfg, out: Path
     if not n:
         raise LowbitError("no layer was fine-tuned")
     save_quantized(model, qweights, out, tokenizer=_tokenizer_source(model_path, tokenizer),
-                   recipe={"quant": qcfg.model_dump(), "train": tcfg.model_dump()}, extra=extra, overwrite=overwrite)
+                   recipe={"quant": qcfg.model_dump(), "train": tcfg.model_dump()}, extra=extra, overwrite=overwrite,
+                   sidecars=sidecars)
     return {"bits_per_weight": bits / n, "out": str(out)}

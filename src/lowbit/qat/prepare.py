@@ -20,12 +20,14 @@ from lowbit.methods.validate import check_weight
 from lowbit.models.adapters import get_adapter, layer_weight
 from lowbit.nn.quant_linear import replace_module
 from lowbit.qat import grid
-from lowbit.qat.config import L4QConfig, LoQTConfig, LoRAConfig, LRQATConfig, LSQConfig, OneBitConfig, QLoRAConfig
+from lowbit.qat.config import (L4QConfig, LoQTConfig, LoRAConfig, LRQATConfig, LSQConfig, OneBitConfig, QLoRAConfig,
+                               SpIELConfig)
 from lowbit.qat.l4q import L4QLinear
 from lowbit.qat.loqt import LoQTLinear
 from lowbit.qat.lora import LoRALinear
 from lowbit.qat.lr_qat import LRQATLinear
 from lowbit.qat.onebit import OneBitLinear
+from lowbit.qat.spiel import SpIELLinear
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,6 +70,10 @@ def make_layer(name: str, module: nn.Module, cfg, index: int, seed: int, ptq: Qu
     bias = _bias(module)
     if isinstance(cfg, OneBitConfig):
         return OneBitLinear(W, bias, post_norm=cfg.post_norm, latent_init=cfg.latent_init)
+    if isinstance(cfg, SpIELConfig):
+        if ptq is not None:
+            _plain_grid(ptq, name)
+        return SpIELLinear(W, bias, density=cfg.density, base=ptq, generator=gen)
     if isinstance(cfg, LoQTConfig):
         return LoQTLinear(W, bias, bits=cfg.bits, group_size=cfg.group_size, rank=cfg.rank, scale=cfg.scale,
                           compensation_iters=cfg.compensation_iters, symmetric=cfg.symmetric,
@@ -109,6 +115,8 @@ def needs_ptq(cfg) -> str | None:
     """'rtn' / 'gptq' when the method starts from a PTQ result, else None."""
     if isinstance(cfg, QLoRAConfig):
         return cfg.init_from
+    if isinstance(cfg, SpIELConfig):
+        return None if cfg.base == "fp" else cfg.base
     if isinstance(cfg, LRQATConfig):
         return "gptq" if cfg.init_from == "gptq" else "rtn"
     if isinstance(cfg, (L4QConfig, LSQConfig)) and cfg.init_from != "none":

@@ -241,6 +241,12 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
     if saved:
         _load_layer_state(layers, saved, device)
     reproject_at = _reprojection_steps(qcfg, tcfg.steps)
+    spiel = qcfg.method == "spiel"
+    if spiel:
+        from lowbit.qat import spiel as sp
+
+        for layer in layers.values():
+            layer.reduce = (lambda t: dd.all_reduce_tensor(t, world)) if world.size > 1 else None
     setup_s = time.perf_counter() - t_start
 
     initial = {}
@@ -259,6 +265,8 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
             mine = idx[world.rank * local:(world.rank + 1) * local]
             loss_sum = 0.0
             reproject = step in reproject_at
+            if spiel:
+                sp.begin_step(layers, qcfg, step, tcfg.steps)
             if reproject:
                 for layer in layers.values():
                     layer.begin_reprojection()
@@ -281,6 +289,8 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
                     torch.nn.utils.clip_grad_norm_(plist, tcfg.grad_clip)
                 opt.step()
             opt.zero_grad(set_to_none=True)
+            if spiel:
+                sp.end_step(layers, qcfg, step, tcfg.steps, opt)
             tokens += tcfg.batch_size * tcfg.seqlen
             rec = {"step": step + 1, "loss": loss_sum, "lr": base_lrs[0] * f}
             last = step + 1 == tcfg.steps
