@@ -11,6 +11,9 @@ MLP channels (1536 per layer), removed in the same share (1 − keep) of each ki
 - pg+ls: policy-gradient masks (`lowbit.prune.pg`), global over layers (widths differ per layer), started
   from the activation scores, then the least-squares refit; its budget (steps, forward passes, tokens,
   seconds) is in the row;
+- search+ls: the efficient-LLM evolutionary search (`lowbit.prune.search`) over per-layer group counts
+  and channel shares (mask mutation, crossover, a parameter budget equal to the uniform keep), fitness the
+  cross-entropy on --search-windows C4 training windows, then the least-squares reformation;
 - udfc / activation+ls (mlp): MLP channels only (UDFC prunes channels only), UDFC data-free closed form
   against the activation mask with the least-squares refit.
 Masked structures are zeroed at the inputs of o_proj / down_proj, the same function as slicing them out
@@ -40,10 +43,13 @@ def main() -> None:
     ap.add_argument("--pg-batch", type=int, default=4, help="windows of --pg-seqlen tokens per policy sample")
     ap.add_argument("--pg-seqlen", type=int, default=128)
     ap.add_argument("--pg-lr", type=float, default=2e-3)
+    ap.add_argument("--search-generations", type=int, default=8)
+    ap.add_argument("--search-population", type=int, default=16)
+    ap.add_argument("--search-windows", type=int, default=8, help="C4 training windows of the search fitness")
     ap.add_argument("--calib", type=int, default=32, help="calibration windows for scores and the refit")
     ap.add_argument("--profile", default="quick", choices=["quick", "full"])
-    ap.add_argument("--methods", nargs="+", default=["magnitude", "activation", "activation+ls", "pg+ls", "udfc",
-                                                     "activation+ls-mlp"])
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "activation", "activation+ls", "pg+ls", "search+ls",
+                                                     "udfc", "activation+ls-mlp"])
     ap.add_argument("--data", default=None)
     a = ap.parse_args()
 
@@ -117,6 +123,19 @@ def main() -> None:
                          "pg_tokens": rec["forward_passes"] * a.pg_batch * a.pg_seqlen}
                 model = copy.deepcopy(base)
                 st.compensate(st.find_structures(model), g, c, moments)
+            elif method == "search+ls":
+                from lowbit.prune.search import search_masks
+
+                structures = "heads+mlp"
+                g, c, rec = search_masks(base, S0, pg_windows[:a.search_windows], keep, moments,
+                                         generations=a.search_generations, population=a.search_population,
+                                         progress=lambda gen, r: print(f"  search generation {gen}: {r}", flush=True))
+                extra = {"forward_passes": rec["evaluations"] * ((a.search_windows + 3) // 4),
+                         "search_generations": a.search_generations, "start_fitness": rec["start_fitness"],
+                         "best_fitness": rec["best_fitness"], "groups_per_layer": rec["groups_per_layer"],
+                         "channels_per_layer": rec["channels_per_layer"]}
+                model = copy.deepcopy(base)
+                st.compensate(st.find_structures(model), g, c, moments)
             elif method == "udfc":
                 from lowbit.prune.config import PruneConfig
                 from lowbit.prune.hf import prune_hf
@@ -148,7 +167,10 @@ def note(a) -> str:
             f"blocks' linear weights. Scores and the least-squares refit use {a.calib} C4 calibration windows; "
             f"pg+ls: {a.pg_steps} policy steps of 2 sampled masks on {a.pg_batch}×{a.pg_seqlen}-token C4 training "
             f"batches, lr {a.pg_lr}, cosine, baseline window 5, the authors' normalised score, started from the "
-            "activation scores (the paper: ~15k steps on 120k sequences). udfc: data-free closed-form "
+            "activation scores (the paper: ~15k steps on 120k sequences). search+ls: "
+            f"{a.search_generations} generations, population {a.search_population}, 8 mutations + 4 crossovers "
+            f"per generation, α 0.8, fitness on {a.search_windows}×{a.pg_seqlen} C4 training tokens (the paper: "
+            "population 100, 50 generations). udfc: data-free closed-form "
             "compensation into down_proj, MLP channels only, every layer the same width. 2 CPU cores.")
 
 

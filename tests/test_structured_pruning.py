@@ -109,3 +109,18 @@ def test_pg_driver_budget_and_determinism(gqa_model):
     b = pg_masks(gqa_model, S, ids, 0.5, mom, steps=6, batch_size=4, lr=0.05)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert int(a[0].sum()) == 2 and int(a[1].sum()) == 96 and len(a[2]["history"]) == 6
+
+
+def test_search_driver_respects_the_parameter_budget(gqa_model):
+    from lowbit.prune.search import search_masks
+
+    S = st.find_structures(gqa_model)
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(5))
+    mom = st.input_moments(gqa_model, S, ids)
+    g, c, rec = search_masks(gqa_model, S, ids, 0.75, mom, generations=3, population=6, mutations=4, crossovers=2)
+    full = torch.ones(S.n_groups, dtype=torch.bool), torch.ones(S.n_all_channels, dtype=torch.bool)
+    structural = S.parameters_removed(~full[0], ~full[1])  # every group and channel
+    assert S.parameters_removed(g, c) >= 0.25 * structural - 1e-6  # within the budget of a uniform 75 %
+    assert rec["best_fitness"] <= rec["start_fitness"] + 1e-9  # the start is in the population
+    again = search_masks(gqa_model, S, ids, 0.75, mom, generations=3, population=6, mutations=4, crossovers=2)
+    assert torch.equal(g, again[0]) and torch.equal(c, again[1])
