@@ -5,6 +5,7 @@ and determinism."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -124,3 +125,63 @@ def test_search_driver_respects_the_parameter_budget(gqa_model):
     assert rec["best_fitness"] <= rec["start_fitness"] + 1e-9  # the start is in the population
     again = search_masks(gqa_model, S, ids, 0.75, mom, generations=3, population=6, mutations=4, crossovers=2)
     assert torch.equal(g, again[0]) and torch.equal(c, again[1])
+
+
+@pytest.mark.parametrize("method", ["activation", "pg", "search"])
+def test_prune_cli_writes_a_sliced_model_that_loads(tiny_model_dir, tmp_path, method):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.io.native import load_model
+
+    out = tmp_path / method
+    r = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "-o", str(out), "--method", method, "--ratio", "0.25",
+                                 "--calib-samples", "4", "--calib-seqlen", "32", "--pg-steps", "2",
+                                 "--search-generations", "1", "--search-population", "3"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "prune_report.json").read_text())
+    model, tok = load_model(str(out))
+    assert sum(p.numel() for p in model.parameters()) == rep["parameters"][1] < rep["parameters"][0]
+    assert sum(rep["widths"]["kv_groups"]) == 3 and min(rep["widths"]["kv_groups"]) >= 1  # 3 of 4 groups
+    if method != "search":  # the search trades groups for channels within the parameter budget
+        assert sum(rep["widths"]["channels"]) == 192
+    base, _ = load_model(str(tiny_model_dir))
+    S = st.find_structures(base)
+    sliced = st.find_structures(model)
+    assert [b[1].k_proj.out_features // S.head_dim for b in sliced.blocks] == rep["widths"]["kv_groups"]
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    r = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--method", method,
+                                 "--bits", "4"])
+    assert r.exit_code != 0 and "--bits goes with --method udfc" in r.output
+
+
+def test_sliced_model_equals_masked_and_refitted(gqa_model, tmp_path):
+    from lowbit.io.native import load_model
+    from lowbit.prune.slicing import slice_model
+
+    model = copy.deepcopy(gqa_model)
+    S = st.find_structures(model)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(6))
+    mom = st.input_moments(model, S, ids)
+    g = torch.tensor([True, False, True, True])
+    c = torch.ones(192, dtype=torch.bool)
+    c[torch.arange(0, 192, 5)] = False
+    st.compensate(S, g, c, mom)
+    with st.masked(model, S, g.float(), c.float()):
+        y_mask = model(input_ids=ids).logits
+    slice_model(model, S, g, c)
+    y_slice = model(input_ids=ids).logits
+    assert float((y_mask - y_slice).norm() / y_mask.norm()) < 1e-5
+    model.save_pretrained(tmp_path / "m")
+    back, _ = load_model(str(tmp_path / "m"))
+    assert torch.allclose(back(input_ids=ids).logits, y_slice, rtol=1e-5, atol=1e-6)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["lowbit_structure"]["channels"][0] = 10_000  # a corrupt width is refused with the file named
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="outside"):
+        load_model(str(tmp_path / "m"))

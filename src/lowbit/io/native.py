@@ -377,6 +377,10 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
         tokenizer = load_tokenizer(str(p), trust_remote_code) if _has_tokenizer(p) else None
         if is_quantized_dir(p):
             return load_quantized(p, trust_remote_code=trust_remote_code, dtype=dtype)[0], tokenizer
+        from lowbit.prune.slicing import is_sliced_dir, load_sliced
+
+        if is_sliced_dir(p):  # structured pruning with per-layer widths (`lowbit prune --method pg|search`)
+            return load_sliced(p, dtype), tokenizer
         source = str(p)
     elif _HUB_ID.match(str(path_or_id)) and ".." not in str(path_or_id):
         source, tokenizer = str(path_or_id), None

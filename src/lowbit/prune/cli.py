@@ -4,6 +4,10 @@ Without --bits the output is an ordinary HF checkpoint (save_pretrained, safeten
 `intermediate_size`, loadable by transformers' AutoModelForCausalLM, plus `prune_report.json`. With
 --bits the MLP linears are stored quantized in lowbit's native format (honest bit count; `lowbit eval`
 loads it) and the report goes into its `lowbit.json` under "prune".
+
+`--method activation|pg|search` removes KV groups and MLP channels with per-layer widths (`prune.slicing`):
+an HF directory whose config.json lists the widths, which `lowbit.io.native.load_model` (so `lowbit eval`,
+`quantize`'s loader and `generate`) reads; plain `from_pretrained` cannot, its config has one width.
 """
 
 from __future__ import annotations
@@ -62,10 +66,88 @@ def prune_job(model_path: str, out: str | Path, config, *, data: str | None = No
     return report
 
 
+def structured_job(model_path: str, out: str | Path, method: str, ratio: float, *, calib_samples: int = 32,
+                   calib_seqlen: int | None = None, pg_steps: int = 100, search_generations: int = 8,
+                   search_population: int = 16, seed: int = 0, data: str | None = None, overwrite: bool = False,
+                   trust_remote_code: bool = False) -> dict:
+    """KV groups and MLP channels pruned by `activation` scores, the policy-gradient masks (`pg`) or the
+    structure search (`search`), the same share of each kind, o_proj / down_proj refit by least squares,
+    then cut out per layer (`prune.slicing`) and saved as an HF directory with `prune_report.json`."""
+    from lowbit import data as datasets
+    from lowbit.errors import LowbitError
+    from lowbit.io.atomic import atomic_dir
+    from lowbit.io.native import load_model
+    from lowbit.prune import structured as st
+    from lowbit.prune.criteria import check_ratio
+    from lowbit.prune.policy import hard_mask
+    from lowbit.prune.slicing import at_least_one, slice_model
+
+    import torch
+
+    check_ratio(ratio)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output directory {out} exists; pass --overwrite to replace it")
+    model, tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
+    if getattr(model, "_lowbit_quantized", False):
+        raise LowbitError(f"{model_path} is quantized by lowbit; prune the original model")
+    if tokenizer is None:
+        raise LowbitError(f"{model_path} has no tokenizer; structured pruning reads calibration text")
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise LowbitError(f"{name}: NaN/inf values in the weight; refusing to prune")
+    S = st.find_structures(model)
+    keep = 1.0 - ratio
+    seqlen = calib_seqlen or min(512, getattr(model.config, "max_position_embeddings", 512) or 512)
+    t0 = time.perf_counter()
+    calib = datasets.calibration_windows(tokenizer, datasets.c4_split("calib", data), calib_samples, seqlen, seed)
+    moments = st.input_moments(model, S, calib)
+    record: dict = {}
+    if method == "activation":
+        gs, cs = st.scores(S, "activation", moments)
+        g = at_least_one(hard_mask(gs, keep), gs, S.n_kv)
+        c = st.per_layer_mask(cs, S.n_channels, keep)
+    else:
+        n_train = max(8, 4 * pg_steps) if method == "pg" else 8
+        train = datasets.calibration_windows(tokenizer, datasets.c4_split("train", data), n_train,
+                                             min(128, seqlen), seed + 1)
+        if method == "pg":
+            from lowbit.prune.pg import pg_masks
+
+            g, c, record = pg_masks(model, S, train, keep, moments, steps=pg_steps, batch_size=4, seed=seed)
+        elif method == "search":
+            from lowbit.prune.search import search_masks
+
+            g, c, record = search_masks(model, S, train, keep, moments, generations=search_generations,
+                                        population=search_population, seed=seed)
+        else:
+            raise LowbitError(f"unknown structured pruning method {method!r}: activation | pg | search")
+    before = sum(p.numel() for p in model.parameters())
+    refit = st.compensate(S, g, c, moments)
+    widths = slice_model(model, S, g, c)
+    report = {"method": method, "ratio": ratio, "source_model": str(model_path), "widths": widths,
+              "parameters": [before, sum(p.numel() for p in model.parameters())],
+              "calibration_windows": list(calib.shape), "seconds": time.perf_counter() - t0,
+              "refit": refit["layers"], "search": {k: v for k, v in record.items() if k != "history"},
+              "history": record.get("history", [])}
+    from transformers.utils import logging as hf_logging
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        hf_logging.disable_progress_bar()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / REPORT).write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
 def prune(
     model: str = typer.Argument(..., help="HF decoder directory (LLaMA / Mistral / Qwen2) or hub id."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory."),
-    ratio: float = typer.Option(0.3, help="Fraction of MLP channels pruned in every layer (0 <= r < 1)."),
+    method: str = typer.Option("udfc", help="udfc (MLP channels, every layer the same width, data-free closed-form compensation) | activation | pg (policy-gradient masks) | search (evolutionary structure search): KV groups and MLP channels, least-squares refit, per-layer widths (load with lowbit)."),
+    ratio: float = typer.Option(0.3, help="Fraction of MLP channels pruned in every layer (0 <= r < 1); activation / pg / search: of all KV groups and of all MLP channels."),
+    pg_steps: int = typer.Option(100, help="pg: policy steps (2 sampled masks of 4 × 128 C4 tokens each)."),
+    search_generations: int = typer.Option(8, help="search: generations."),
+    search_population: int = typer.Option(16, help="search: population size."),
     bits: Optional[int] = typer.Option(None, help="Also quantize the MLP linears: per-channel symmetric RTN, 2-8 bits (native lowbit output)."),
     compensation: str = typer.Option("udfc", help="none | merge (one partner) | udfc (closed form)."),
     criterion: str = typer.Option("l2", help="l1 | l2 (norm of the gate/up rows) | recon (greedy expected error)."),
@@ -79,11 +161,25 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model repo (off by default)."),
 ):
-    """Prune MLP channels (UDFC compensation into down_proj) and optionally quantize; save to OUT."""
+    """Prune MLP channels (UDFC compensation into down_proj) and optionally quantize, or prune KV groups and
+    MLP channels with activation scores, policy-gradient masks or the structure search; save to OUT."""
     from pydantic import ValidationError
 
     from lowbit.errors import LowbitError
     from lowbit.prune.config import PruneConfig
+
+    if method != "udfc":
+        if bits is not None:
+            raise LowbitError(f"--bits goes with --method udfc; quantize a {method}-pruned model with lowbit quantize")
+        rep = structured_job(model, out, method, ratio, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                             pg_steps=pg_steps, search_generations=search_generations,
+                             search_population=search_population, seed=seed, data=data, overwrite=overwrite,
+                             trust_remote_code=trust_remote_code)
+        b, a = rep["parameters"]
+        print(f"saved {out}: {method}, {b / 1e6:.2f}M -> {a / 1e6:.2f}M parameters, KV groups per layer "
+              f"{rep['widths']['kv_groups']}, channels {min(rep['widths']['channels'])}–"
+              f"{max(rep['widths']['channels'])} ({rep['seconds']:.1f} s)")
+        return
 
     try:
         cfg = PruneConfig(ratio=ratio, bits=bits, compensation=compensation, criterion=criterion, family=family,

@@ -50,8 +50,10 @@ def pg_masks(model, S: Structures, windows: torch.Tensor, keep: float, moments, 
     t0 = time.perf_counter()
     s = policy.optimise(loss_fn, s0, keep, steps=steps, samples=samples, lr=lr, window=window,
                         segments=[(0, ng), (ng, s0.numel())], seed=seed, on_step=on_step)
-    g = policy.hard_mask(s[:ng], keep)
-    c = policy.hard_mask(s[ng:], keep)
+    from lowbit.prune.slicing import at_least_one
+
+    g = at_least_one(policy.hard_mask(s[:ng], keep), s[:ng], S.n_kv)
+    c = at_least_one(policy.hard_mask(s[ng:], keep), s[ng:], S.n_channels)
     init_g, init_c = policy.hard_mask(s0[:ng], keep), policy.hard_mask(s0[ng:], keep)
     rec = {"steps": steps, "samples": samples, "batch_size": batch_size, "seconds": time.perf_counter() - t0,
            "forward_passes": steps * samples, "history": history,

@@ -130,13 +130,15 @@ def search_masks(model, S, windows: torch.Tensor, keep: float, moments, *, gener
 
     budget = keep * (S.n_groups * per_group + S.n_all_channels * per_channel)
     gs, cs = scores(S, "activation", moments)
-    g0 = hard_mask(gs, keep).view(L, S.n_kv)
+    from lowbit.prune.slicing import at_least_one
+
+    g0 = at_least_one(hard_mask(gs, keep), gs, S.n_kv).view(L, S.n_kv)
     c_keep = int(round(keep * S.n_channels))
     start = ([torch.nonzero(g0[i]).flatten() for i in range(L)]
              + [torch.sort(torch.argsort(-cs.view(L, -1)[i], stable=True)[:c_keep]).values for i in range(L)])
     lo = max(0.1, keep - 0.4)
     ch_grid = sorted({int(round(f * S.n_channels)) for f in torch.arange(lo, 1.0 + 1e-9, 0.05).tolist()})
-    ratios = [list(range(0, S.n_kv + 1))] * L + [ch_grid] * L
+    ratios = [list(range(1, S.n_kv + 1))] * L + [ch_grid] * L  # ≥ 1 group: see prune.slicing
     sizes = [S.n_kv] * L + [S.n_channels] * L
 
     def to_masks(sets):
