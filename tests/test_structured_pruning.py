@@ -185,3 +185,24 @@ def test_sliced_model_equals_masked_and_refitted(gqa_model, tmp_path):
 
     with pytest.raises(LowbitError, match="outside"):
         load_model(str(tmp_path / "m"))
+
+
+def test_prune_then_quantize_loads_with_its_widths(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.io.native import load_model, load_quantized
+
+    r = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "-o", str(tmp_path / "p"), "--method", "activation",
+                                 "--ratio", "0.25", "--calib-samples", "4", "--calib-seqlen", "32"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["quantize", str(tmp_path / "p"), "-o", str(tmp_path / "q"), "--method", "rtn",
+                                 "--bits", "8", "--group-size", "32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    pruned, _ = load_model(str(tmp_path / "p"))
+    model, qweights, _ = load_quantized(tmp_path / "q")
+    sizes = {n: tuple(q.shape) for n, q in qweights.items()}
+    assert sizes["model.layers.0.mlp.down_proj"] == tuple(pruned.model.layers[0].mlp.down_proj.weight.shape)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    a, b = pruned(input_ids=ids).logits, model(input_ids=ids).logits
+    assert float((a - b).norm() / a.norm()) < 0.02  # 8-bit RTN of the pruned model

@@ -116,6 +116,10 @@ def layerwise_blocker(model_path: str, recipe: Recipe) -> str | None:
 
     if is_quantized_dir(p):
         return "the model is already quantized by lowbit"
+    from lowbit.prune.slicing import is_sliced_dir
+
+    if is_sliced_dir(p):
+        return "its layers have their own widths (structured pruning), which the whole-model loader sets up"
     stages = [s for s, on in (("prune", recipe.prune), ("budget", recipe.budget), ("finetune", recipe.finetune)) if on]
     if stages:
         return f"the recipe's {stages[0]} stage works on the whole model"

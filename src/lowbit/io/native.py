@@ -239,9 +239,14 @@ def _build_model(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         if hasattr(config, "quantization_config"):  # ours, not an HF quantizer's: keep it out of HF's way
             del config.quantization_config
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **_dtype_kw(dtype))
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **_dtype_kw(dtype))
     except (ValueError, KeyError, OSError) as e:
         raise LowbitError(f"cannot build the model from {path / CONFIG}: {e}") from e
+    from lowbit.prune.slicing import KEY, resize
+
+    if getattr(config, KEY, None) is not None:  # a structurally pruned model: per-layer widths
+        resize(model, config, path / CONFIG)
+    return model
 
 
 def _split(tensors: dict, layers: dict, expected: set[str]) -> tuple[dict, dict[str, dict]]:

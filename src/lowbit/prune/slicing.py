@@ -95,22 +95,30 @@ def is_sliced_dir(p: Path) -> bool:
         return False
 
 
+def resize(model: nn.Module, config, where: Path) -> None:
+    """Shrink a model built from `config` to its `lowbit_structure` widths (checked; `where` names the file)."""
+    from lowbit.prune.structured import find_structures
+
+    widths = getattr(config, KEY, None)
+    L = config.num_hidden_layers
+    if not isinstance(widths, dict) or len(widths.get("kv_groups", [])) != L or len(widths.get("channels", [])) != L:
+        raise LowbitError(f"{where}: {KEY} must list kv_groups and channels for all {L} layers")
+    try:
+        _resize(model, find_structures(model), widths)
+    except LowbitError as e:
+        raise LowbitError(f"{where}: {e}") from None
+
+
 def load_sliced(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A model saved after `slice_model` (config with `lowbit_structure`), weights loaded strictly."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.prune.structured import find_structures
-
     p = Path(path)
     config = AutoConfig.from_pretrained(str(p))
-    widths = getattr(config, KEY, None)
-    L = config.num_hidden_layers
-    if not isinstance(widths, dict) or len(widths.get("kv_groups", [])) != L or len(widths.get("channels", [])) != L:
-        raise LowbitError(f"{p / 'config.json'}: {KEY} must list kv_groups and channels for all {L} layers")
     model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    _resize(model, find_structures(model), widths)
+    resize(model, config, p / "config.json")
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise LowbitError(f"{p} has no safetensors weights")
