@@ -77,6 +77,11 @@ def _ptq() -> dict[str, dict]:
     # what 2 CPU cores allow), the authors' rates and clipping rule
     s["lrq-w4-pc"] = _q("lrq", 4, -1, iters=100)
     s["lrq-w3-pc"] = _q("lrq", 3, -1, iters=100)
+    # W4A8 (the paper's per-token 8-bit activations): LRQ trains with the activations quantized; the baseline
+    # is GPTQ's per-channel W4 with the same activation format
+    a8 = {"format": "int", "bits": 8}
+    s["gptq-w4a8-pc"] = _q("gptq", 4, -1, act=a8)
+    s["lrq-w4a8-pc"] = _q("lrq", 4, -1, iters=100, act=a8)
     return s
 
 

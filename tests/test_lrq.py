@@ -176,3 +176,46 @@ def test_cli_quantize_lrq(tiny_model_dir, tmp_path):
     _, qweights, info = load_quantized(out)
     assert info["quantization_config"]["method"] == "lrq" and len(qweights) == 14
     assert all(q.grid.kind == "uniform" and q.grid.group_size == -1 and q.bits == 4 for q in qweights.values())
+
+
+def test_per_token_int_activation_quantization():
+    from lowbit.methods.config import ActQuantConfig
+    from lowbit.nn.act_quant import fake_quantize_act
+
+    x = torch.tensor([[-1.0, 0.0, 0.5, 3.0], [0.2, 0.4, 0.1, 0.3]])
+    y = fake_quantize_act(x, ActQuantConfig(format="int", bits=8))
+    # token 0: s = 4/255, z = round(255/4) = 64; token 1: the range widened to [0, 0.4], z = 0
+    ref = []
+    for row, lo, hi in ((x[0].double(), -1.0, 3.0), (x[1].double(), 0.0, 0.4)):
+        s = (hi - lo) / 255
+        z = round(-lo / s)
+        ref.append((torch.clamp(torch.round(row / s) + z, 0, 255) - z) * s)
+    assert torch.allclose(y.double(), torch.stack(ref), rtol=0, atol=1e-6) and y[0, 1] == 0
+    assert float((y - x).abs().max()) <= 4 / 255 / 2 + 1e-6
+    xg = x.clone().requires_grad_(True)  # straight-through: the gradient passes unchanged
+    fake_quantize_act(xg, ActQuantConfig(format="int", bits=4)).sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))
+
+
+def test_w4a8_reconstruction_trains_with_quantized_activations(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.io.native import load_quantized
+
+    recipe = tmp_path / "w4a8.yaml"
+    recipe.write_text("quant: {method: lrq, bits: 4, iters: 20, rank: 2, lr: 5.0e-3, act: {format: int, bits: 8}}\n"
+                      "calibration: {n_samples: 4, seqlen: 32}\n")
+    out = tmp_path / "w4a8"
+    res = CliRunner().invoke(app, ["quantize", str(tiny_model_dir), "-o", str(out), "--recipe", str(recipe), "--quiet"])
+    assert res.exit_code == 0, res.output
+    model, qweights, info = load_quantized(out)
+    layers = info["quantization_config"]["layers"]
+    assert all(layers[n]["act"]["format"] == "int" and layers[n]["act"]["bits"] == 8 for n in qweights)
+    assert all(model.get_submodule(n).act.format == "int" for n in qweights)
+    import json
+
+    notes = [r["note"] for r in json.loads((out / "lowbit.json").read_text())["layers"]]
+    for note in notes:  # the block loss, activations quantized in the student, falls in every block
+        start, end = (float(v) for v in note.split(" after")[0].removeprefix("block loss ").split(" -> "))
+        assert end < start, note

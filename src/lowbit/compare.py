@@ -125,7 +125,7 @@ def describe(recipe: Recipe) -> str:
         kind = "lqer" if lr.scale == "none" else "l2qer" if lr.scale == "act-mean" else f"lqer {lr.scale}"
         parts.append(f"+{kind} {rule} {lr.factor_dtype}")
     if getattr(q, "act", None) is not None:
-        parts.append(f"a{q.act.bits}")
+        parts.append(f"a{q.act.bits}" + (" per token" if q.act.format == "int" else " mxint"))
     for what, items in (("include", recipe.include), ("ignore", recipe.ignore), ("override", recipe.overrides)):
         if items:
             parts.append(f"{len(items)} {what}")

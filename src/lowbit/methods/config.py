@@ -59,15 +59,16 @@ class LQERConfig(BaseModel):
 
 
 class ActQuantConfig(BaseModel):
-    """Fake quantization of activations (LQER's W4A8 / W4A6): per token, MXINT blocks along the features,
-    of every quantized linear's input and of the low-rank intermediates x·A and (x·A)·B."""
+    """Fake quantization of activations, per token, of every quantized linear's input (and of the low-rank
+    intermediates x·A and (x·A)·B): `mxint` = MXINT blocks along the features (LQER's W4A8 / W4A6);
+    `int` = one asymmetric min-max integer grid per token (LRQ's and SmoothQuant's per-token W4A8)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["mxint"] = "mxint"
+    format: Literal["mxint", "int"] = "mxint"
     bits: int = Field(8, ge=2, le=8)
-    block_size: int = Field(16, ge=1)
-    exp_bits: int = Field(8, ge=2, le=8)
+    block_size: int = Field(16, ge=1)  # mxint only
+    exp_bits: int = Field(8, ge=2, le=8)  # mxint only
 
 
 class WeightQuantConfig(BaseModel):

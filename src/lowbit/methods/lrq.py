@@ -147,11 +147,16 @@ class LRQWeight(nn.Module):
 class LRQLinear(nn.Module):
     """A linear computing x·Ŵᵀ + b with Ŵ from its `LRQWeight`, for the block reconstruction."""
 
-    def __init__(self, quantizer: LRQWeight, bias: torch.Tensor | None):
+    def __init__(self, quantizer: LRQWeight, bias: torch.Tensor | None, act=None):
         super().__init__()
         self.quantizer = quantizer
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.out_features, self.in_features = quantizer.shape
+        self.act = act  # W4A8: the input is fake-quantized (straight-through), as the deployed layer does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            from lowbit.nn.act_quant import fake_quantize_act
+
+            x = fake_quantize_act(x, self.act)
         return F.linear(x, self.quantizer(), self.bias)

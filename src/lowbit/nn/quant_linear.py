@@ -91,7 +91,7 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, grid={g.kind}, "
                 f"bits={g.bits}, bpw={self.qweight.bits_per_weight():.3f}"
                 + (f", rank={self.qweight.lowrank.A.shape[1]}" if self.qweight.lowrank is not None else "")
-                + (f", act=mxint{self.act.bits}" if self.act is not None else ""))
+                + (f", act={self.act.format}{self.act.bits}" if self.act is not None else ""))
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

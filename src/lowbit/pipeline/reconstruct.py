@@ -87,7 +87,7 @@ def reconstruct_block(model: nn.Module, block: nn.Module, names: list[str], conf
         module = model.get_submodule(name)
         originals[name] = module
         quantizers[name] = LRQWeight(layer_weight(module).float(), configs[name], generator=gen)
-        replace_module(model, name, LRQLinear(quantizers[name], getattr(module, "bias", None)))
+        replace_module(model, name, LRQLinear(quantizers[name], getattr(module, "bias", None), configs[name].act))
     params = [p for q in quantizers.values() for p in q.parameters()]
     t0 = time.perf_counter()
     try:
@@ -101,7 +101,9 @@ def reconstruct_block(model: nn.Module, block: nn.Module, names: list[str], conf
     for name in names:
         qw = quantizers[name].materialize()
         qw.dtype = layer_weight(originals[name]).dtype
-        replace_module(model, name, make_quant_linear(originals[name], qw, name))
+        ql = make_quant_linear(originals[name], qw, name)
+        ql.act = configs[name].act  # W4A8: the quantized stream runs as deployed, activations quantized
+        replace_module(model, name, ql)
         done[name] = qw
     with torch.no_grad():
         outs = [run_block(block, xq[b], ctx_q[b]).float() for b in range(n)]
