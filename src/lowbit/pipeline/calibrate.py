@@ -152,6 +152,10 @@ class _Bars(OptionalProgress):
         if self.p:
             self.p.update(self.blocks, advance=1)
 
+    def tuning(self, name: str, steps: int) -> None:
+        if self.p:
+            self.p.update(self.layers, description=f"fine-tuning {name}", total=steps, completed=0)
+
     def step(self, loss: float) -> None:  # one step of a block reconstruction (the layers bar counts steps)
         if self.p:
             self.p.update(self.layers, advance=1, description=f"reconstruction loss {loss:.4g}")
@@ -516,8 +520,11 @@ def _quantize_block(model, block, idx, groups, configs, hidden, ctxs, use_data, 
         if tune:
             from lowbit.pipeline.reconstruct import tune_additive_block
 
-            tuned, info = tune_additive_block(model, block, [n for n in names if getattr(configs[n], "finetune_steps", 0)],
-                                              configs, hidden, ctxs, targets, block_idx=idx, bars=bars)
+            tuned_names = [n for n in names if getattr(configs[n], "finetune_steps", 0)]
+            if tuned_names:  # the layers bar now counts the fine-tuning steps of this block
+                bars.tuning(tuned_names[0].rsplit(".", 2)[0], configs[tuned_names[0]].finetune_steps)
+            tuned, info = tune_additive_block(model, block, tuned_names, configs, hidden, ctxs, targets,
+                                              block_idx=idx, bars=bars)
             out.update(tuned)
             note = (f"block fine-tuned: loss {info['loss_start']:.4g} -> {info['loss_end']:.4g} after "
                     f"{info['steps']} steps")
