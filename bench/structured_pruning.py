@@ -147,7 +147,7 @@ def main() -> None:
                 g = all_groups
                 c = torch.ones(S1.n_all_channels, dtype=torch.bool)
                 removed = S0.n_channels - S1.n_channels
-                extra = {"params_removed_override": removed * len(S0.blocks) * 3 * base.config.hidden_size / total}
+                extra = {"params_removed_override": removed * len(S0.blocks) * S0.channel_params / total}
             else:
                 raise SystemExit(f"unknown method {method}")
             extra["seconds"] = time.perf_counter() - t0

@@ -25,3 +25,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lowbit.toy import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The first 80k characters of tinyshakespeare (~30k tokens) as a text file: training data for the
+    QAT tests (tokenizing all of it costs 1.5 s per run)."""
+    from lowbit.data import TINYSHAKESPEARE, corpus_text
+
+    p = tmp_path_factory.mktemp("qat-text") / "shakespeare-80k.txt"
+    p.write_text(corpus_text(TINYSHAKESPEARE)[:80_000])
+    return str(p)

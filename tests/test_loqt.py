@@ -105,23 +105,15 @@ def test_merge_requantizes_the_merged_weight_and_exports_match(shape, regrid):
     assert torch.equal(layer.W_deq, ref.dequantize().float())
 
 
-def _text(tmp_path):
-    from lowbit.data import TINYSHAKESPEARE, corpus_text
-
-    p = tmp_path / "text.txt"
-    p.write_text(corpus_text(TINYSHAKESPEARE)[:80_000])
-    return str(p)
-
-
-def test_loqt_run_learns_resumes_and_exports_a_plain_grid(tiny_model_dir, tmp_path):
+def test_loqt_run_learns_resumes_and_exports_a_plain_grid(tiny_model_dir, tmp_path, shakespeare_text):
     from lowbit.io.native import load_quantized
     from lowbit.qat.trainer import train
 
-    text = _text(tmp_path)
+    text = shakespeare_text
     q = LoQTConfig(bits=3, group_size=32, rank=4, update_gap=4, gap_growth=1.2)  # merges at 0, 4, 9
     cfg = TrainConfig(steps=12, lr=5e-3, batch_size=4, seqlen=64, dataset="text", data_path=text, eval_windows=8,
                       checkpoint_every=3, seed=0, loss="kd", eval_every=12)
-    s = train(str(tiny_model_dir), tmp_path / "full", q, cfg, progress=False)
+    train(str(tiny_model_dir), tmp_path / "full", q, cfg, progress=False)
     # step 0 is the float model (its ∇W only); the KL to it at the end is what the merges kept
     _, qweights, _ = load_quantized(tmp_path / "full")
     assert all(w.grid.kind == "uniform" and w.lowrank is None and w.grid.bits == 3 for w in qweights.values())
@@ -156,13 +148,13 @@ def test_loqt_run_learns_resumes_and_exports_a_plain_grid(tiny_model_dir, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_loqt_cli_and_lowrank_export(tiny_model_dir, tmp_path):
+def test_loqt_cli_and_lowrank_export(tiny_model_dir, tmp_path, shakespeare_text):
     from typer.testing import CliRunner
 
     from lowbit.cli import app
     from lowbit.io.native import load_quantized
 
-    text = _text(tmp_path)
+    text = shakespeare_text
     out = tmp_path / "cli"
     r = CliRunner().invoke(app, ["finetune", str(tiny_model_dir), "-o", str(out), "--method", "loqt", "--bits", "4",
                                  "--rank", "2", "--steps", "3", "--update-gap", "2", "--loqt-export", "lowrank",

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.binary import SignGrid
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.qat.config import OneBitConfig
@@ -90,14 +89,12 @@ def test_quant_linear_runs_the_post_norm_layer():
     assert OneBitConfig().post_norm
 
 
-def test_onebit_kd_run_learns_and_exports_the_trained_model(tiny_model_dir, tmp_path):
-    from lowbit.data import TINYSHAKESPEARE, corpus_text
+def test_onebit_kd_run_learns_and_exports_the_trained_model(tiny_model_dir, tmp_path, shakespeare_text):
     from lowbit.io.native import load_model, load_quantized
     from lowbit.qat.data import load_windows
     from lowbit.qat.trainer import evaluate, train
 
-    TEXT = str(tmp_path / "text.txt")
-    (tmp_path / "text.txt").write_text(corpus_text(TINYSHAKESPEARE)[:80_000])
+    TEXT = shakespeare_text
     out = tmp_path / "onebit"
     cfg = TrainConfig(steps=30, lr=1e-2, batch_size=4, seqlen=64, dataset="text", data_path=TEXT, eval_windows=8,
                       checkpoint_every=0, seed=0, loss="kd", kd_hidden=1.0, eval_every=30)

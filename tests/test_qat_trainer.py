@@ -4,7 +4,6 @@ equivalence, chat data, and bad input."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lowbit.cli import app
-from lowbit.data import TINYSHAKESPEARE, corpus_text
 from lowbit.errors import LowbitError
 from lowbit.io.native import load_quantized
 from lowbit.methods.config import RTNConfig
@@ -26,10 +24,9 @@ TEXT = ""  # set by the small_text fixture
 
 
 @pytest.fixture(scope="module", autouse=True)
-def small_text(tmp_path_factory):
+def small_text(shakespeare_text):
     global TEXT
-    TEXT = str(tmp_path_factory.mktemp("qat-text") / "shakespeare-80k.txt")
-    Path(TEXT).write_text(corpus_text(TINYSHAKESPEARE)[:80_000])
+    TEXT = shakespeare_text
     return TEXT
 
 

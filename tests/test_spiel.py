@@ -79,19 +79,11 @@ def test_schedule():
     assert drop_fraction(100, 100, 0.2) == 0
 
 
-def _text(tmp_path):
-    from lowbit.data import TINYSHAKESPEARE, corpus_text
-
-    p = tmp_path / "text.txt"
-    p.write_text(corpus_text(TINYSHAKESPEARE)[:80_000])
-    return str(p)
-
-
-def test_spiel_fp_run_learns_merges_exactly_and_resumes(tiny_model_dir, tmp_path):
+def test_spiel_fp_run_learns_merges_exactly_and_resumes(tiny_model_dir, tmp_path, shakespeare_text):
     from lowbit.io.native import load_model
     from lowbit.qat.trainer import train
 
-    text = _text(tmp_path)
+    text = shakespeare_text
     q = SpIELConfig(density=0.02, reselect_every=4, accumulate_steps=2)  # reselections after steps 4 and 8
     cfg = TrainConfig(steps=10, lr=1e-2, batch_size=4, seqlen=64, dataset="text", data_path=text, eval_windows=8,
                       checkpoint_every=3, seed=0, loss="ce", eval_every=10)
@@ -124,11 +116,11 @@ def test_spiel_fp_run_learns_merges_exactly_and_resumes(tiny_model_dir, tmp_path
                        load_file(tmp_path / "resumed" / DELTA_FILE)[f"{name}.index"])
 
 
-def test_quantized_spiel_exports_outliers_counted(tiny_model_dir, tmp_path):
+def test_quantized_spiel_exports_outliers_counted(tiny_model_dir, tmp_path, shakespeare_text):
     from lowbit.io.native import load_quantized
     from lowbit.qat.trainer import train
 
-    text = _text(tmp_path)
+    text = shakespeare_text
     cfg = TrainConfig(steps=6, lr=1e-3, batch_size=4, seqlen=64, dataset="text", data_path=text, eval_windows=8,
                       checkpoint_every=0, seed=0, loss="kd", eval_every=6)
     s = train(str(tiny_model_dir), tmp_path / "q", SpIELConfig(base="rtn", bits=3, group_size=32, density=0.01,
@@ -180,13 +172,13 @@ def test_bad_delta_files(tmp_path, tiny_model_dir):
         load_sparse_delta(tmp_path / "range.safetensors")
 
 
-def test_data_parallel_keeps_one_index_set(tiny_model_dir, tmp_path):
+def test_data_parallel_keeps_one_index_set(tiny_model_dir, tmp_path, shakespeare_text):
     import json
 
     from lowbit.qat.distributed import spawn
     from lowbit.qat.trainer import train
 
-    text = _text(tmp_path)
+    text = shakespeare_text
     q = SpIELConfig(density=0.02, reselect_every=2, accumulate_steps=1)
     cfg = TrainConfig(steps=4, lr=1e-2, batch_size=4, seqlen=64, dataset="text", data_path=text, eval_windows=8,
                       checkpoint_every=0, seed=0)

@@ -120,9 +120,7 @@ def search_masks(model, S, windows: torch.Tensor, keep: float, moments, *, gener
     from lowbit.prune.structured import masked, scores
 
     L = len(S.blocks)
-    hidden = S.blocks[0][2].gate_proj.in_features
-    per_group = (S.n_heads // S.n_kv) * S.head_dim * hidden * 2 + S.head_dim * hidden * 2
-    per_channel = 3 * hidden
+    per_group, per_channel = S.group_params, S.channel_params
     unit_cost = [per_group] * L + [per_channel] * L
 
     def cost(counts: list[int]) -> float:

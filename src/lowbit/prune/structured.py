@@ -48,13 +48,21 @@ class Structures:
         """Per layer ([n_kv], [n_channels]) views of the flat masks."""
         return group_mask.view(len(self.blocks), self.n_kv), channel_mask.view(len(self.blocks), self.n_channels)
 
+    @property
+    def group_params(self) -> int:
+        """Weights of one KV group: q rows and o columns of its query heads, k and v rows of its head."""
+        hidden = self.blocks[0][2].gate_proj.in_features
+        return ((self.n_heads // self.n_kv) + 1) * self.head_dim * hidden * 2
+
+    @property
+    def channel_params(self) -> int:
+        """Weights of one MLP channel: a row of gate and of up, a column of down."""
+        return 3 * self.blocks[0][2].gate_proj.in_features
+
     def parameters_removed(self, group_mask: torch.Tensor, channel_mask: torch.Tensor) -> int:
-        """Weights a slice would delete: per KV group q/o rows·cols of its heads and k/v of its head; per
-        channel a row of gate and up and a column of down."""
-        attn, mlp = self.blocks[0][1], self.blocks[0][2]
-        hidden = mlp.gate_proj.in_features
-        per_group = (self.n_heads // self.n_kv) * self.head_dim * hidden * 2 + self.head_dim * hidden * 2
-        return int((~group_mask.bool()).sum()) * per_group + int((~channel_mask.bool()).sum()) * 3 * hidden
+        """Weights a slice would delete."""
+        return (int((~group_mask.bool()).sum()) * self.group_params
+                + int((~channel_mask.bool()).sum()) * self.channel_params)
 
 
 def find_structures(model: nn.Module) -> Structures:

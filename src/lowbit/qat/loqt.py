@@ -89,8 +89,9 @@ def compensate(W: torch.Tensor, P: torch.Tensor, side: str, scale: float, cfg: R
     best, W_hat = None, W
     for _ in range(iters):
         Q = quantize(W_hat, cfg, grid)
-        B = fit_b(W - Q.dequantize().float())
-        err = float(torch.linalg.norm(W - Q.dequantize().float() - scale * delta(B)))
+        R = W - Q.dequantize().float()
+        B = fit_b(R)
+        err = float(torch.linalg.norm(R - scale * delta(B)))
         if best is None or err < best[0]:
             best = (err, Q, B)
         W_hat = W - scale * delta(B)
@@ -215,3 +216,30 @@ class LoQTLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"side={self.side}, scale={self.scale}")
+
+
+class LoQTSchedule:
+    """At the merge steps (`update_steps`) the step's batch only yields ∇W: every layer merges, takes its
+    (process-summed) ∇W, re-projects and re-quantizes; AdamW does not step and B's moments restart."""
+
+    def __init__(self, cfg, layers: dict[str, nn.Module], world, total: int):
+        self.layers, self.world = layers, world
+        self.at = set(update_steps(total, cfg.update_gap, cfg.gap_growth))
+
+    def begin(self, step: int) -> bool:
+        if step not in self.at:
+            return False
+        for layer in self.layers.values():
+            layer.begin_reprojection()
+        return True
+
+    def take_step(self, step: int, opt: torch.optim.Optimizer) -> None:
+        from lowbit.qat import distributed as dd
+
+        for layer in self.layers.values():
+            dd.all_reduce_grads([layer.merged_leaf], self.world)
+            layer.reproject()
+            opt.state.pop(layer.B, None)
+
+    def end(self, step: int, opt: torch.optim.Optimizer) -> None:
+        pass

@@ -222,16 +222,29 @@ def apply_sparse_delta(model: nn.Module, path: str | Path) -> None:
 # ---- the schedule, called by the trainer around every optimizer step
 
 
-def begin_step(layers: dict[str, nn.Module], cfg, step: int, total: int) -> None:
-    """Collect candidate gradients during the S steps that end at a reselection step."""
-    on = any(r - cfg.accumulate_steps < step <= r for r in reselection_steps(total, cfg.reselect_every))
-    for layer in layers.values():
-        layer.collecting = on
+class SpIELSchedule:
+    """Candidate gradients during the S steps that end at a reselection step; drop and grow after it.
+    Data-parallel runs sum the candidate choice's ∇W and the accumulated gradients over processes."""
 
+    def __init__(self, cfg, layers: dict[str, nn.Module], world, total: int):
+        from lowbit.qat import distributed as dd
 
-def end_step(layers: dict[str, nn.Module], cfg, step: int, total: int, opt: torch.optim.Optimizer) -> int:
-    """After the optimizer step of a reselection step: drop and grow. Returns the entries moved."""
-    if step not in reselection_steps(total, cfg.reselect_every):
-        return 0
-    p = drop_fraction(step + 1, total, cfg.drop_fraction)
-    return sum(layer.reselect(int(p * layer.k), opt) for layer in layers.values())
+        self.cfg, self.layers, self.total = cfg, layers, total
+        self.at = set(reselection_steps(total, cfg.reselect_every))
+        for layer in layers.values():
+            layer.reduce = (lambda t: dd.all_reduce_tensor(t, world)) if world.size > 1 else None
+
+    def begin(self, step: int) -> bool:
+        on = any(r - self.cfg.accumulate_steps < step <= r for r in self.at)
+        for layer in self.layers.values():
+            layer.collecting = on
+        return False  # δ takes AdamW's step as usual
+
+    def take_step(self, step, opt) -> None:
+        raise AssertionError("SpIEL never replaces the optimizer step")
+
+    def end(self, step: int, opt: torch.optim.Optimizer) -> None:
+        if step in self.at:
+            p = drop_fraction(step + 1, self.total, self.cfg.drop_fraction)
+            for layer in self.layers.values():
+                layer.reselect(int(p * layer.k), opt)

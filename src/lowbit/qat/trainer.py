@@ -130,12 +130,31 @@ def _fingerprint(qcfg, tcfg: TrainConfig, model: nn.Module, windows: Windows, wo
             "process count": str(world.size)}
 
 
-def _reprojection_steps(qcfg, steps: int) -> set[int]:
-    """LoQT's merge-and-re-project steps; none for the other methods."""
-    from lowbit.qat.config import LoQTConfig
-    from lowbit.qat.loqt import update_steps
+class StepSchedule:
+    """What a method does around the shared optimizer step; the default does nothing. A method with state
+    that changes on a schedule (LoQT's merges, SpIEL's reselections) subclasses it in its own file."""
 
-    return set(update_steps(steps, qcfg.update_gap, qcfg.gap_growth)) if isinstance(qcfg, LoQTConfig) else set()
+    def begin(self, step: int) -> bool:
+        """Before the step's forward passes; True: this step's gradients are the method's, not AdamW's."""
+        return False
+
+    def take_step(self, step: int, opt: torch.optim.Optimizer) -> None:
+        """Instead of AdamW's step when `begin` returned True."""
+
+    def end(self, step: int, opt: torch.optim.Optimizer) -> None:
+        """After the step (and its zero_grad)."""
+
+
+def _schedule(qcfg, layers: dict[str, nn.Module], world: dd.World, steps: int) -> StepSchedule:
+    if qcfg.method == "loqt":
+        from lowbit.qat.loqt import LoQTSchedule
+
+        return LoQTSchedule(qcfg, layers, world, steps)
+    if qcfg.method == "spiel":
+        from lowbit.qat.spiel import SpIELSchedule
+
+        return SpIELSchedule(qcfg, layers, world, steps)
+    return StepSchedule()
 
 
 def _layer_state(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -240,13 +259,7 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
     start, history, saved = ckpt.load(root, params, opt, fp) if tcfg.checkpoint_every else (0, [], {})
     if saved:
         _load_layer_state(layers, saved, device)
-    reproject_at = _reprojection_steps(qcfg, tcfg.steps)
-    spiel = qcfg.method == "spiel"
-    if spiel:
-        from lowbit.qat import spiel as sp
-
-        for layer in layers.values():
-            layer.reduce = (lambda t: dd.all_reduce_tensor(t, world)) if world.size > 1 else None
+    schedule = _schedule(qcfg, layers, world, tcfg.steps)
     setup_s = time.perf_counter() - t_start
 
     initial = {}
@@ -264,12 +277,7 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
             n_tgt = target_count(train_w, idx)
             mine = idx[world.rank * local:(world.rank + 1) * local]
             loss_sum = 0.0
-            reproject = step in reproject_at
-            if spiel:
-                sp.begin_step(layers, qcfg, step, tcfg.steps)
-            if reproject:
-                for layer in layers.values():
-                    layer.begin_reprojection()
+            method_step = schedule.begin(step)
             for i in range(0, local, micro):
                 j = mine[i:i + micro]
                 loss = window_loss(model, train_w.ids[j], train_w.mask[j], tcfg.loss, teacher,
@@ -278,19 +286,15 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
                 loss_sum += float(loss.detach())
             plist = list(params.values())
             loss_sum = dd.all_reduce_sum(loss_sum, world)
-            if reproject:  # LoQT: this batch only yields ∇W; merge, re-quantize, new P and B, fresh moments
-                for layer in layers.values():
-                    dd.all_reduce_grads([layer.merged_leaf], world)
-                    layer.reproject()
-                    opt.state.pop(layer.B, None)
+            if method_step:
+                schedule.take_step(step, opt)
             else:
                 dd.all_reduce_grads(plist, world)
                 if tcfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(plist, tcfg.grad_clip)
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            if spiel:
-                sp.end_step(layers, qcfg, step, tcfg.steps, opt)
+            schedule.end(step, opt)
             tokens += tcfg.batch_size * tcfg.seqlen
             rec = {"step": step + 1, "loss": loss_sum, "lr": base_lrs[0] * f}
             last = step + 1 == tcfg.steps
