@@ -149,8 +149,8 @@ def model_bench(path: Path, repeats: int, new_tokens: int, rank: int = 32) -> li
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowbit.io.native import plain_state, save_quantized
-    from lowbit.kernels.dispatch import set_backend
-    from lowbit.kernels.generate import generate, weight_bytes
+    from lowbit.nn.quant_linear import set_backend
+    from lowbit.inference.generate import generate, weight_bytes
     from lowbit.models.swap import swap_in
     from lowbit.pipeline.calibrate import quantize_model
 

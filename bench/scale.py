@@ -14,7 +14,7 @@ with it in the page cache (reads from a cold disk would otherwise decide the sma
 The time of each block comes from the run's own summary (`block_seconds`: load, forward passes, solve,
 checkpoint write); the fits use the median over blocks (the first block also pays one-off warm-up).
 
-The memory bound the layer-by-layer path is judged against (issue 17):
+The memory bound the layer-by-layer path is judged against:
 
     peak RSS ≤ 2.5 GB + 4 × (largest block in float32) + calibration activations of one block
 
@@ -213,7 +213,7 @@ def plot(results: Path = RESULTS) -> None:
                 b.loglog([r["block_params"] / 1e6 for r in rs], [r["block_seconds_median"] for r in rs], style,
                          label=method)
     rs = sorted((r for r in runs if r["method"] == "gptq"), key=lambda r: r["params"]) or list(runs)
-    a.plot([r["params"] / 1e9 for r in rs], [r["bound_gb"] for r in rs], ":", color="gray", label="bound (issue 17)")
+    a.plot([r["params"] / 1e9 for r in rs], [r["bound_gb"] for r in rs], ":", color="gray", label="bound")
     a.set(xlabel="parameters (B)", ylabel="peak RSS (GB)", title="peak memory of lowbit quantize")
     b.set(xlabel="parameters per block (M)", ylabel="seconds per block (median)", title="time per block (layer by layer)")
     a.legend()

@@ -1,4 +1,4 @@
-"""CLAQ extensions beyond the paper (issue 4): per-output-row scales and packed 5-7-bit codebook entries.
+"""CLAQ extensions beyond the paper: per-output-row scales and packed 5-7-bit codebook entries.
 Bits counted exactly, native round trips bit-exact, ≤ 2^b values per normalized column, default unchanged."""
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from lowbit.formats.quantized_weight import QuantizedWeight, UniformGrid
 from lowbit.methods import parse_method_config, quantize_weight
 from lowbit.methods.stats import StatsAccumulator
 from lowbit.formats.quantized_weight import bit_counts
+from lowbit.nn.quant_linear import quantized_weights
 from lowbit.pipeline.stages import FinetuneStageConfig, check_finetune, finetune_stage, keep_teacher
 from lowbit.qat.codebook_tuning import CodebookTuneLinear
 from helpers import tree_hash
@@ -79,6 +80,40 @@ def test_prune_then_quantize_round_trip(tiny_model_dir, tmp_path):
     assert ev.exit_code == 0, ev.output
     r = json.loads(ev.stdout[ev.stdout.index("{"):])
     assert math.isfinite(r["ppl"]) and 0 < r["kl"] < 0.1, r
+
+
+@pytest.mark.parametrize("method", ["activation", "pg"])
+def test_structured_prune_stage_then_quantize_and_finetune(tiny_model_dir, tmp_path, method):
+    """A recipe prunes KV groups and MLP channels (per-layer widths), quantizes the sliced model and tunes
+    it; the output reloads with its widths, runs what was saved, and counts bits over the original shapes."""
+    from lowbit.io.native import load_model, load_quantized
+    from lowbit.nn.quant_linear import QuantLinear
+
+    prune = {"method": method, "ratio": 0.25, "pg_steps": 2}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"quant": {"method": "rtn", "bits": 4, "group_size": 16}, "calibration": CALIB,
+                                      "prune": prune, "finetune": {"method": "l4q", "steps": 2}}))
+    out = tmp_path / "q"
+    res = run("quantize", tiny_model_dir, "-o", out, "--recipe", recipe, "--quiet")
+    assert res.exit_code == 0, res.output
+    base, _ = load_model(str(tiny_model_dir))
+    model, qweights, _ = load_quantized(out)
+    info = json.loads((out / "lowbit.json").read_text())
+    widths = info["prune"]["widths"]
+    assert sum(widths["channels"]) == round(0.75 * base.config.intermediate_size * base.config.num_hidden_layers)
+    for i, layer in enumerate(model.model.layers):  # the reloaded model has the pruned widths
+        assert isinstance(layer.mlp.down_proj, QuantLinear)
+        assert layer.mlp.down_proj.in_features == widths["channels"][i]
+        kv = widths["kv_groups"][i] * (base.config.hidden_size // base.config.num_attention_heads)
+        assert layer.self_attn.k_proj.out_features == kv
+    orig = {n: m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    bits = sum(sum(q.storage().values()) for q in qweights.values())
+    assert info["summary"]["bits_per_weight"] == pytest.approx(bits / sum(orig.values()), rel=1e-12)
+    assert info["summary"]["bits_per_weight"] < 4  # fewer stored weights over the original count
+    ev = run("eval", out, "--base", tiny_model_dir, "--seqlen", "64", "--max-windows", "4", "--json")
+    assert ev.exit_code == 0, ev.output
+    r = json.loads(ev.stdout[ev.stdout.index("{"):])
+    assert math.isfinite(r["ppl"]) and r["kl"] > 0
 
 
 def test_bit_counts_over_original_elements():
@@ -177,8 +212,8 @@ def claq_model(tiny_model_dir):
 def _tune(claq_model, **kw):
     model, teacher, qweights, calib = claq_model
     m = copy.deepcopy(model)
-    new, rep = finetune_stage(m, teacher, qweights, FinetuneStageConfig(method="codebook", **kw), calib)
-    return m, new, rep
+    rep = finetune_stage(m, teacher, FinetuneStageConfig(method="codebook", **kw), calib)
+    return m, quantized_weights(m), rep
 
 
 def test_codebook_tuning_lowers_loss_keeps_codes_and_bits(claq_model):
@@ -234,11 +269,13 @@ def test_l4q_stage_from_gptq(tiny_model_dir, symmetric):
     teacher = keep_teacher(model, FinetuneStageConfig(method="l4q"))
     qweights = quantize_model(model, recipe.quant, calib, progress=False).qweights
     m0 = copy.deepcopy(model)
-    z, _ = finetune_stage(m0, teacher, qweights, FinetuneStageConfig(method="l4q", steps=0), calib)
+    finetune_stage(m0, teacher, FinetuneStageConfig(method="l4q", steps=0), calib)
+    z = quantized_weights(m0)
     for n, q in qweights.items():  # step 0 exports the GPTQ model exactly
         assert torch.equal(z[n].codes, q.codes) and torch.equal(z[n].grid.scale, q.grid.scale)
         assert torch.equal(z[n].grid.zero, q.grid.zero)
-    new, rep = finetune_stage(model, teacher, qweights, FinetuneStageConfig(method="l4q", steps=6, lr=1e-2), calib)
+    rep = finetune_stage(model, teacher, FinetuneStageConfig(method="l4q", steps=6, lr=1e-2), calib)
+    new = quantized_weights(model)
     assert rep["loss_after"] < rep["loss_before"], rep
     moved = 0
     for n, q in new.items():
@@ -288,7 +325,7 @@ def test_finetune_needs_windows_and_valid_settings():
     with pytest.raises(LowbitError, match="finetune.steps"):
         make_recipe({"finetune": {"method": "codebook", "steps": -1}})
     with pytest.raises(LowbitError, match="calibration windows"):
-        finetune_stage(torch.nn.Linear(2, 2), None, {}, FinetuneStageConfig(method="codebook"), None)
+        finetune_stage(torch.nn.Linear(2, 2), None, FinetuneStageConfig(method="codebook"), None)
     assert isinstance(_q({"method": "claq", "bits": 3, "group_size": -1}).grid, CodebookGrid)
 
 
@@ -321,7 +358,7 @@ def test_finetune_stage_shows_its_steps_in_a_log(claq_model, monkeypatch, capsys
 
     monkeypatch.setattr(progress, "LOG_EVERY", 0.01)
     model, teacher, qweights, calib = claq_model
-    finetune_stage(copy.deepcopy(model), teacher, qweights, FinetuneStageConfig(method="codebook", steps=2),
-                   calib, progress=True)
+    finetune_stage(copy.deepcopy(model), teacher, FinetuneStageConfig(method="codebook", steps=2), calib,
+                   progress=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if "finetune (codebook)" in line]
     assert lines and re.search(r"finetune \(codebook\) 2/2 \(loss \d", lines[-1]), lines

@@ -57,7 +57,7 @@ def test_every_heavy_command_takes_a_device(command):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
-    from lowbit.kernels.generate import load_for_inference
+    from lowbit.inference.generate import load_for_inference
     from lowbit.qat.config import parse_qat_config, parse_train_config
     from lowbit.qat.trainer import train
 
@@ -70,7 +70,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
 
 def test_generate_samples_the_same_from_host_logits():
     """Sampling draws from the host generator on host logits, so a GPU run samples what a CPU run does."""
-    from lowbit.kernels.generate import _next_token
+    from lowbit.inference.generate import _next_token
 
     logits = torch.randn(1, 50)
     a = _next_token(logits, 0.8, 10, torch.Generator().manual_seed(3))

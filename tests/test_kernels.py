@@ -7,7 +7,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.quantized_weight import LowRank, QuantizedWeight
 from lowbit.kernels import cpu, dispatch, lut_native
 from lowbit.methods import parse_method_config, quantize_weight
-from lowbit.nn.quant_linear import QuantLinear
+from lowbit.nn.quant_linear import QuantLinear, set_backend
 
 
 def _qw(bits, group_size, symmetric, shape=(48, 256), seed=0, method="rtn", **kw) -> QuantizedWeight:
@@ -96,13 +96,13 @@ def test_quant_linear_dispatch(with_lowrank):
     assert m._kernel_state[1] == "int4"
     assert (yb.double() - ref).norm() / ref.norm() < 2e-2
     # kernel backend with fp32 activations: cast to bf16 for the op, output back in fp32
-    dispatch.set_backend(m, "kernel")
+    set_backend(m, "kernel")
     yk = m(x)
     assert yk.dtype == torch.float32 and (yk.double() - ref).norm() / ref.norm() < 2e-2
-    dispatch.set_backend(m, "reference")
+    set_backend(m, "reference")
     assert torch.equal(m(x), y32)
     with pytest.raises(LowbitError, match="unknown backend"):
-        dispatch.set_backend(m, "cuda")
+        set_backend(m, "cuda")
 
 
 @pytest.mark.parametrize("axis", ["column", "row"])
@@ -225,7 +225,7 @@ def test_generate_matches_hf_greedy_and_cli(tiny_model_dir, tmp_path):
 
     from lowbit.cli import app
     from lowbit.jobs import quantize_job
-    from lowbit.kernels.generate import generate, load_for_inference
+    from lowbit.inference.generate import generate, load_for_inference
     from lowbit.recipe import Recipe
 
     out = tmp_path / "q"

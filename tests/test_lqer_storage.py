@@ -1,4 +1,4 @@
-"""LQER, issue 3 continued: the authors' calibration statistic, quantized factor storage (+ B refit),
+"""LQER: the authors' calibration statistic, quantized factor storage (+ B refit),
 the two-GEMM kernel path, activation fake quantization (W4A8) and the rank rules."""
 
 from __future__ import annotations

@@ -31,13 +31,19 @@ __all__ = ["Quantized", "evaluate", "export", "load", "quantize"]
 class Quantized:
     """What `quantize` made: the (same, now quantized) model and how."""
 
-    model: nn.Module
-    qweights: dict
+    model: nn.Module  # the one source of truth: its QuantLinears hold the QuantizedWeights
     recipe: Any  # the Recipe that ran (a budget's plan recipe when the recipe had a budget)
     summary: dict  # bits_per_weight (all metadata), quantize_seconds, peak_memory_mb, n_layers, ...
     records: list  # per layer: shape, bits per weight, seconds, relative output error on the calibration data
     tokenizer: Any = None
     extras: dict = field(default_factory=dict)  # prune / finetune reports, plan files
+
+    @property
+    def qweights(self) -> dict:
+        """Layer name → QuantizedWeight, read from the model (so it never disagrees with what runs)."""
+        from lowbit.nn.quant_linear import quantized_weights
+
+        return quantized_weights(self.model)
 
     def save(self, out: str | Path, *, overwrite: bool = False, source: str = "") -> Path:
         """Write the quantized model as a native lowbit directory (atomically); `lowbit eval`, `lowbit
@@ -110,7 +116,7 @@ def quantize(model: nn.Module | str | Path, recipe=None, *, calibration=None, to
     calib = _calibration(calibration, r, model, tokenizer, data)
     result, ran, extras = run_recipe(model, r, calib, progress=progress)
     model._lowbit_quantized = True
-    return Quantized(model, result.qweights, ran, extras["summary"], result.records, tokenizer,
+    return Quantized(model, ran, extras["summary"], result.records, tokenizer,
                      {k: v for k, v in extras.items() if k != "summary"})
 
 

@@ -28,9 +28,11 @@ import json
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lowbit import data as corpora
 from lowbit.errors import LowbitError
+from lowbit.eval.protocol import DEFAULT_SEQLEN
 
 HF_ROWS_PER_WINDOW = 4
 LOCAL_DATASETS = ("c4", "wikitext2-valid", "text", "jsonl")
@@ -177,8 +179,26 @@ def conversation_windows(tokenizer: Any, docs: list[str], n_samples: int, seqlen
 
 
 def calibration_windows(cfg, tokenizer: Any, seqlen: int, data: str | None = None) -> torch.Tensor:
-    """[n_samples, seqlen] token ids for `cfg` (a `recipe.CalibrationConfig`)."""
+    """[n_samples, seqlen] token ids for `cfg` (a `CalibrationConfig`)."""
     docs = calibration_documents(cfg, tokenizer, data)
     if cfg.chat:
         return conversation_windows(tokenizer, docs, cfg.n_samples, seqlen, cfg.seed)
     return corpora.calibration_windows(tokenizer, docs, cfg.n_samples, seqlen, cfg.seed)
+
+
+class CalibrationConfig(BaseModel):
+    """Where calibration windows come from (GPTQ recipe: random windows of random documents)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "c4"  # c4 | wikitext2-valid | text | jsonl | hf:NAME[:SPLIT] (lowbit.calibration)
+    path: str | None = None  # for dataset text / jsonl
+    chat: bool = False  # render every example through the tokenizer's chat template
+    n_samples: int = Field(128, ge=1)
+    seqlen: int | None = Field(DEFAULT_SEQLEN, ge=8)  # None: min(2048, the model's max positions)
+    seed: int = 0
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return check_dataset(v)

@@ -6,7 +6,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -44,7 +44,7 @@ def clean_errors(fn):
 def quantize(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: Optional[str] = typer.Option(None, help="rtn | gptq | claq | squeezellm | hqq | awq | quantease | aqlm | lrq (default gptq, or the recipe's)."),
+    method: Optional[str] = typer.Option(None, help="A post-training method listed by `lowbit methods` (default gptq, or the recipe's)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits: 2-8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128; a layer whose input dim it does not divide gets a partial last group)."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (default asymmetric)."),
@@ -68,6 +68,7 @@ def quantize(
     aqlm_codebooks: Optional[str] = typer.Option(None, help="AQLM: MxB, M codebooks of 2^B codewords (default 2x8; B ≤ 8 or 16)."),
     aqlm_group: Optional[int] = typer.Option(None, help="AQLM: codeword length g, consecutive input columns (default 8); code bits per weight M·B/g."),
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags given explicitly override it."),
+    settings: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE on top of the recipe and the flags, repeatable: any setting of any method by its dotted recipe path (quant.damp_percent=0.05, quant.kmeans.max_iter=50, calibration.n_samples=64); `lowbit methods` lists them."),
     budget_bits: Optional[float] = typer.Option(None, help="Budgeted allocation: choose per layer bits, group size, LQER rank (and outlier fraction) from the recipe's `budget` grid (default bits 2/3/4, groups pc/128/64/32, ranks 0/8/16/32) minimising the summed measured per-layer KL, average bits/weight (all metadata) ≤ this. Writes OUT/plan.yaml, a recipe that reproduces the result."),
     calib_dataset: Optional[str] = typer.Option(None, help="c4 | wikitext2-valid | text | jsonl (conversations) | hf:NAME[:SPLIT] (online; a 'messages' or 'text' column). Default c4, documents never used to train the reference model."),
     calib_file: Optional[Path] = typer.Option(None, help="The file for --calib-dataset text (UTF-8) or jsonl ({\"messages\": [...]} or {\"instruction\", \"input\", \"output\"} per line)."),
@@ -108,8 +109,6 @@ def quantize(
         q.update(num_codebooks=m_, nbits_per_codebook=b_)
     if aqlm_group is not None:
         q["in_group_size"] = aqlm_group
-    if q.get("method", base.quant.method) in ("claq", "squeezellm", "lrq") and group_size is None:
-        q["group_size"] = -1  # a codebook per column / row, LRQ's s₁ per channel: a recipe's group size does not carry over
     lq = {k: v for k, v in dict(rank=lqer_rank, scale=lqer_scale, factor_dtype=lqer_factors,
                                  rank_energy=lqer_energy, target_bits=lqer_bits).items() if v is not None}
     if lq:
@@ -124,6 +123,10 @@ def quantize(
     c = {k: v for k, v in dict(dataset=calib_dataset, path=str(calib_file) if calib_file else None, chat=calib_chat,
                                    n_samples=calib_samples, seqlen=calib_seqlen, seed=seed).items() if v is not None}
     r = merge(base, q, c)
+    if settings:
+        from lowbit.recipe import apply_settings
+
+        r = apply_settings(r, settings)
     if budget_bits is not None:
         from lowbit.recipe import make_recipe
 
@@ -172,7 +175,7 @@ def eval_cmd(
     if base is None:
         info = Path(model) / "lowbit.json"
         if info.is_file():
-            from lowbit.io.native import read_json
+            from lowbit.io.read import read_json
 
             src = read_json(info, "lowbit output metadata").get("source_model")
             if src and Path(src).exists():
@@ -307,6 +310,29 @@ def reference_path_cmd(cache_dir: Optional[Path] = typer.Option(None)):
     print(reference_path(cache_dir=cache_dir))
 
 
+@app.command("methods")
+@clean_errors
+def methods_cmd(
+    markdown: bool = typer.Option(False, "--markdown", help="Print docs/methods.md (a Markdown table) instead."),
+    schema: bool = typer.Option(False, "--schema", help="Print the recipe's JSON schema instead."),
+):
+    """Every quantization and fine-tuning method, with its settings and defaults, read from the registries."""
+    from lowbit import catalog
+
+    if schema:
+        print(json.dumps(catalog.recipe_schema(), indent=2))
+        return
+    if markdown:
+        print(catalog.markdown(), end="")
+        return
+    from rich.table import Table
+
+    t = Table("command", "method", "kind", "data", "what it is", "settings (defaults)", show_lines=True)
+    for r in catalog.rows():
+        t.add_row(r["command"], r["method"], r["kind"], r["data"], r["summary"], r["settings"])
+    Console().print(t)
+
+
 @app.command()
 @clean_errors
 def demo(
@@ -322,7 +348,7 @@ def demo(
 
 
 from lowbit.exporters.cli import export_cmd  # noqa: E402  (typer-only modules: cheap to import)
-from lowbit.kernels.cli import generate_cmd  # noqa: E402
+from lowbit.inference.cli import generate_cmd  # noqa: E402
 
 app.command("export")(clean_errors(export_cmd))
 app.command("generate")(clean_errors(generate_cmd))

@@ -9,6 +9,11 @@ so `--recipes a.yaml --recipes b.yaml` works too), and keeps the raw arguments f
 from __future__ import annotations
 
 import shlex
+from typing import Callable
+
+import yaml
+
+from lowbit.errors import LowbitError
 
 from typer.core import TyperCommand
 
@@ -41,3 +46,42 @@ def command_line(ctx) -> str:
     """`lowbit <command> <args as given>` of the running command."""
     raw = ctx.meta.get("lowbit.raw_args")
     return "lowbit " + shlex.join([ctx.info_name or "", *(raw or [])]).strip()
+
+
+def assign(d: dict, assignments: list[str], on_switch: dict[tuple, Callable[[dict, object], dict]] | None = None) -> dict:
+    """`--set KEY=VALUE` on a nested settings dict (changed in place and returned). KEY is a dotted path
+    (`quant.kmeans.max_iter`); VALUE a YAML scalar or flow collection (`0.05`, `true`, `null`, `[1, 2]`).
+    `on_switch[path]` (a path ending in a discriminator such as `method`): applied first, it rebuilds the
+    enclosing group for the new value (a new method keeps only what applies to it)."""
+    on_switch = on_switch or {}
+    parsed = []
+    for a in assignments:
+        key, eq, raw = a.partition("=")
+        path = tuple(key.strip().split("."))
+        if not eq or not all(path):
+            raise LowbitError(f"--set {a!r}: expected KEY=VALUE with a dotted KEY, e.g. quant.damp_percent=0.05")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise LowbitError(f"--set {a!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        parsed.append((a, path, value))
+    for a, path, value in sorted(parsed, key=lambda p: p[1] not in on_switch):  # switches first
+        node = d
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise LowbitError(f"--set {a!r}: {part} is not a group of settings")
+            node = node[part]
+        if path in on_switch and node.get(path[-1]) != value:
+            parent = d
+            for part in path[:-2]:
+                parent = parent[part]
+            node = on_switch[path](node, value)
+            if len(path) > 1:
+                parent[path[-2]] = node
+            else:
+                d.clear()
+                d.update(node)
+        node[path[-1]] = value
+    return d

@@ -23,7 +23,6 @@ progress of one recipe.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -31,13 +30,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.io.read import read_json
 from lowbit.eval.pareto import pareto_front
 from lowbit.eval.protocol import Protocol, get_protocol, model_key, provenance
-from lowbit.fingerprint import sha, tensor_bytes, weights_fingerprint
+from lowbit.fingerprint import file_sha256, json_sha, tensors_sha, weights_fingerprint
 from lowbit.io.atomic import atomic_write_text
 from lowbit.recipe import Recipe, load_recipe, make_recipe, merge
 
@@ -169,14 +168,6 @@ def storage_split(qweights: dict, bits_per_weight: float | None = None) -> dict[
 # ---- keys and saved runs
 
 
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def tensor_sha(t: torch.Tensor) -> str:
-    return sha(tensor_bytes(t))
-
-
 def _data_source(data: str | None) -> str:
     from lowbit.data import data_dir
 
@@ -223,13 +214,7 @@ def claim_dir(out: Path) -> dict | None:
                           f"choose a new or empty directory")
     if not manifest.is_file():
         return None
-    try:
-        m = json.loads(manifest.read_text())
-        if m.get("format") != FORMAT:
-            raise ValueError(f"format {m.get('format')!r}")
-        return m
-    except (OSError, ValueError, AttributeError) as e:
-        raise LowbitError(f"{manifest} is unreadable ({e}); choose another report directory") from None
+    return read_json(manifest, "", "choose another report directory", format=FORMAT)
 
 
 def task_columns(results: dict) -> dict:
@@ -273,7 +258,7 @@ class Comparison:
                          else f"{Path(str(model_path)).name}-{self.fingerprint[:12]}")
         self.tasks, self.task_limit = list(tasks or []), task_limit
         self._eval_key = {"model": self.model_path, "model_fingerprint": self.fingerprint,
-                          "windows": tensor_sha(self.windows), "protocol": self.protocol.model_dump(),
+                          "windows": tensors_sha(self.windows), "protocol": self.protocol.model_dump(),
                           "data": _data_source(data), "lowbit": lowbit.__version__}
         if self.tasks:  # (absent without tasks: the keys of runs saved before lm-eval columns stay valid)
             self._eval_key["lm_eval"] = {"tasks": self.tasks, "limit": task_limit}
@@ -283,7 +268,7 @@ class Comparison:
         self.model.to("cpu")
         n, t = self.windows.shape
         self.provenance = provenance(model_path, self.protocol, windows={"n": n, "seqlen": t,
-                                                                         "sha": tensor_sha(self.windows)})
+                                                                         "sha": tensors_sha(self.windows)})
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         if manifest is None:
             atomic_write_text(self.out / "compare.json", json.dumps(
@@ -295,8 +280,8 @@ class Comparison:
         c = recipe.calibration
         text = None
         if c.dataset == "text" and c.path and Path(c.path).is_file():
-            text = hashlib.sha256(Path(c.path).read_bytes()).hexdigest()
-        return _sha({**self._eval_key, "recipe": recipe.model_dump(mode="json"), "calib_text": text})
+            text = file_sha256(c.path)
+        return json_sha({**self._eval_key, "recipe": recipe.model_dump(mode="json"), "calib_text": text})
 
     def eval_settings(self) -> dict:
         n, seqlen = self.windows.shape
@@ -310,7 +295,7 @@ class Comparison:
         """The unquantized model's row (KL 0 and top-1 agreement 1 by definition)."""
         from lowbit.eval.evaluate import base_result
 
-        key = _sha({**self._eval_key, "baseline": True})
+        key = json_sha({**self._eval_key, "baseline": True})
         path = self.out / "baseline.json"
         saved = _read_saved(path, key)
         if saved is not None:
@@ -408,8 +393,6 @@ class Comparison:
         a user runs it; its summary is read back from the output's lowbit.json."""
         import subprocess
         import sys
-
-        from lowbit.io.native import read_json
 
         recipe_file = model_dir.parent / f".{model_dir.name}.recipe.yaml"
         atomic_write_text(recipe_file, recipe.to_yaml())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 
@@ -13,6 +14,16 @@ def sha(*parts: bytes) -> str:
     for p in parts:
         h.update(p)
     return h.hexdigest()[:32]
+
+
+def json_sha(obj) -> str:
+    """sha of canonical JSON (sorted keys; non-JSON values by str): settings that compare equal hash equal."""
+    return sha(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def tensors_sha(*tensors: torch.Tensor) -> str:
+    """sha of the tensors' shapes, dtypes and bytes, in order."""
+    return sha(*(tensor_bytes(t) for t in tensors))
 
 
 def file_sha256(path) -> str:

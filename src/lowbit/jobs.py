@@ -36,7 +36,7 @@ def needs_data(recipe: Recipe) -> bool:
     from lowbit.methods import needs_calibration
 
     return (needs_calibration(recipe.quant) or recipe.budget is not None or recipe.finetune is not None
-            or (recipe.prune is not None and recipe.prune.data_light))
+            or (recipe.prune is not None and recipe.prune.needs_data))
 
 
 def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: bool = True,
@@ -46,7 +46,10 @@ def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: b
     QuantLinears; pruned channels are gone). Returns (result, recipe that ran, extras): the pipeline's
     `QuantizeResult` with the final QuantizedWeights, the recipe as run (a budget's plan recipe), and
     {"summary", "prune", "finetune", "plan_files"}."""
+    import dataclasses
+
     from lowbit.formats.quantized_weight import bit_counts
+    from lowbit.nn.quant_linear import quantized_weights
     from lowbit.pipeline import stages
     from lowbit.pipeline.calibrate import quantize_model
 
@@ -64,9 +67,9 @@ def run_recipe(model, recipe: Recipe, calib: torch.Tensor | None, *, progress: b
         offload_activations=offload_activations, device=device,
     )
     tuned = None
-    if recipe.finetune is not None:
-        result.qweights, tuned = stages.finetune_stage(model, teacher, result.qweights, recipe.finetune, calib,
-                                                       progress=progress)
+    if recipe.finetune is not None:  # the model changes in place; the result then reads its weights from it
+        tuned = stages.finetune_stage(model, teacher, recipe.finetune, calib, progress=progress)
+        result = dataclasses.replace(result, qweights=quantized_weights(model))
     summary = {
         "method": recipe.quant.method,
         # over the ORIGINAL element count (a pruned channel stores nothing); bits_per_stored_weight: kept ones

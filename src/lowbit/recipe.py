@@ -12,7 +12,6 @@ the file. Example:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import yaml
@@ -20,31 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lowbit.allocate.config import BudgetConfig
 from lowbit.errors import LowbitError
-from lowbit.eval.protocol import DEFAULT_SEQLEN
-from lowbit.methods import MethodConfigField
+from lowbit.calibration import CalibrationConfig
+from lowbit.methods import MethodConfigField, switch_method
 from lowbit.methods.config import GPTQConfig
+from lowbit.patterns import check_pattern
 from lowbit.pipeline.stages import FinetuneStageConfig
 from lowbit.prune.config import PruneConfig
-
-
-class CalibrationConfig(BaseModel):
-    """Where calibration windows come from (GPTQ recipe: random windows of random documents)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = "c4"  # c4 | wikitext2-valid | text | jsonl | hf:NAME[:SPLIT] (lowbit.calibration)
-    path: str | None = None  # for dataset text / jsonl
-    chat: bool = False  # render every example through the tokenizer's chat template
-    n_samples: int = Field(128, ge=1)
-    seqlen: int | None = Field(DEFAULT_SEQLEN, ge=8)  # None: min(2048, the model's max positions)
-    seed: int = 0
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, v: str) -> str:
-        from lowbit.calibration import check_dataset
-
-        return check_dataset(v)
 
 
 class Override(BaseModel):
@@ -56,11 +36,7 @@ class Override(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _regex(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"invalid regex {v!r}: {e}") from e
-        return v
+        return check_pattern(v)
 
 
 class Recipe(BaseModel):
@@ -79,12 +55,7 @@ class Recipe(BaseModel):
     @field_validator("include", "ignore")
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"invalid regex {p!r}: {e}") from e
-        return v
+        return [check_pattern(p) for p in v]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -116,12 +87,24 @@ def make_recipe(data: dict, source: str = "settings") -> Recipe:
         raise LowbitError(f"invalid {source}: {_explain(e)}") from e
 
 
+def apply_settings(recipe: Recipe, assignments: list[str]) -> Recipe:
+    """`KEY=VALUE` assignments (the CLI's `--set`, `cli_options.assign`) on top of a recipe: KEY a dotted
+    path into it (`quant.damp_percent`, `quant.kmeans.max_iter`, `calibration.n_samples`, `finetune.steps`).
+    Every setting of every registered method is reachable this way, validated by the method's own config;
+    a method switch (`quant.method=...`) comes first and keeps what `methods.switch_method` keeps."""
+    from lowbit.cli_options import assign
+
+    d = assign(recipe.model_dump(), assignments,
+               on_switch={("quant", "method"): lambda old, new: switch_method(old, new)})
+    return make_recipe(d, source="--set settings")
+
+
 def merge(recipe: Recipe, quant: dict, calibration: dict) -> Recipe:
     """Apply explicitly given CLI flags on top of a recipe. Changing `method` starts a fresh method config
-    that keeps the shared keys (bits, group_size, symmetric)."""
+    that keeps the shared keys (`methods.switch_method`)."""
     q = recipe.quant.model_dump()
     if "method" in quant and quant["method"] != q["method"]:
-        q = {k: q[k] for k in ("bits", "group_size", "symmetric")}
+        q = switch_method(q, quant["method"])
     q.update(quant)
     c = recipe.calibration.model_dump()
     c.update(calibration)

@@ -24,7 +24,6 @@ two-model fp32 KL within 5e-7 nats (4e-4 relative at KL 1.2e-3; `tests/test_comp
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.fingerprint import sha
 from lowbit.eval.perplexity import check_windows, window_logits
 from lowbit.io.atomic import atomic_save_safetensors
 from lowbit.progress import progress_iter
@@ -62,7 +62,7 @@ class EvalResult:
 
 def windows_digest(windows: torch.Tensor) -> str:
     t = windows.detach().cpu().contiguous().to(torch.int64)
-    return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()[:12]
+    return sha(str(tuple(t.shape)).encode(), t.numpy().tobytes())[:12]
 
 
 class BaseOutputs:

@@ -15,12 +15,12 @@ Results are lm-eval's numbers (`results[task]`), with their bootstrap standard e
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.fingerprint import sha
 
 CONTEXT_WORDS, CHOICE_WORDS, N_CHOICES, MAX_WORD = 48, 12, 4, 24
 LOCAL_TASK = "lowbit_c4_continuation"
@@ -59,7 +59,7 @@ def _local_file(data: str | None) -> Path:
 
     docs = c4_continuation_docs(data)
     text = "".join(json.dumps(d) + "\n" for d in docs)
-    path = cache_root() / "lm-eval" / f"{LOCAL_TASK}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
+    path = cache_root() / "lm-eval" / f"{LOCAL_TASK}-{sha(text.encode())[:12]}.jsonl"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)

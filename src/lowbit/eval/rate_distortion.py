@@ -148,7 +148,7 @@ def families(have_hqq: bool = False) -> dict[str, callable]:
 def hqq_registered() -> bool:
     from lowbit import methods
 
-    return "hqq" in getattr(methods, "_METHODS", {})
+    return "hqq" in methods.method_names()
 
 
 def quantize_point(W, cfg: dict) -> tuple[dict, object]:

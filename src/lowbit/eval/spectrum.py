@@ -10,7 +10,6 @@ error that matters a small rank captures.
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 
 import torch
@@ -22,14 +21,12 @@ from lowbit.methods.lqer import diagonal_scale
 from lowbit.methods.rtn import rtn_quantize
 from lowbit.pipeline.collect import collect_stats
 from lowbit.models.adapters import get_adapter, layer_weight
+from lowbit.patterns import compile_pattern
 
 
 def selected_layers(model: nn.Module, pattern: str | None) -> list[str]:
-    """Quantizable layers inside the decoder blocks whose full name matches `pattern` (re.search)."""
-    try:
-        rx = re.compile(pattern) if pattern else None
-    except re.error as e:
-        raise LowbitError(f"invalid --layers regex {pattern!r}: {e}") from None
+    """Quantizable layers inside the decoder blocks whose full name matches `pattern` (RE2 search)."""
+    rx = compile_pattern(pattern, "--layers pattern") if pattern else None
     adapter = get_adapter(model)
     names = [n for bn, b in adapter.blocks(model) for g in adapter.groups(model, bn, b) for n in g]
     names = [n for n in names if rx is None or rx.search(n)]

@@ -37,7 +37,8 @@ class Source:
 
 
 def load_source(path: str | Path, eval_json: str | Path | None = None) -> Source:
-    from lowbit.io.native import read_json, load_quantized
+    from lowbit.io.native import load_quantized
+    from lowbit.io.read import read_json
 
     path = Path(path)
     model, qweights, info = load_quantized(path)
@@ -131,11 +132,6 @@ def per_row(g: UniformGrid, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
 def group_size_of(g: UniformGrid, cols: int) -> int:
     """Columns per group; per-channel and per-tensor grids are one group of all `cols`."""
     return g.group_size if g.group_size > 0 else cols
-
-
-def bits_summary(src: Source) -> dict:
-    qc = src.quantization_config
-    return {"bits_per_weight": qc.get("bits_per_weight"), "quantized_params": qc.get("total_quantized_params")}
 
 
 def write_output(out: Path, tensors: dict[str, torch.Tensor], config: dict | None, src: Source, card: str, *,

@@ -16,7 +16,6 @@ does (a row permutation: blocks stay intact); unquantized tensors are written in
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.io.read import read_json
 from lowbit.exporters.card import model_card
 from lowbit.exporters.common import Source, group_size_of, per_row, plain_tensors, refuse, require_uniform
 
@@ -105,7 +105,7 @@ def _tokenizer_metadata(w, path: Path) -> bool:
     f = path / "tokenizer.json"
     if not f.is_file():
         return False
-    tj = json.loads(f.read_text())
+    tj = read_json(f, "the tokenizer", "the tokenizer file is damaged")
     model = tj.get("model", {})
     if model.get("type") != "BPE" or (tj.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
         return False

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.io.read import read_json
 from lowbit.formats import kquants
 from lowbit.progress import progress_iter
 
@@ -171,7 +172,7 @@ def export_gguf_kquants(model_dir: str | Path, out: str | Path, mix: str = "Q4_K
         raise LowbitError(f"{model_dir} is a lowbit output: K-quants are fitted to the float weights; pass the "
                           "unquantized model (a lowbit Q4_0/Q4_1/Q8_0-compatible output exports with --gguf-type "
                           "Q4_0 | Q4_1 | Q8_0)")
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_json(model_dir / "config.json", "not a model directory")
     config.pop("quantization_config", None)
     if _ARCHS.get(config.get("model_type")) is None:
         raise LowbitError(f"cannot export a {config.get('model_type')} model to gguf: lowbit writes the LLaMA family")

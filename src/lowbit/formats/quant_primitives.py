@@ -12,7 +12,7 @@ Two families:
 
 * **MXINT block floating point** (LQER/L²QER): one power-of-two exponent shared by a block of
   `block_size` consecutive elements, elements in sign-magnitude with `bits` bits
-  (1 sign + bits−1 magnitude). Exact rules of the LQER authors' emulator (`block_fp.py`, notes §1.4):
+  (1 sign + bits−1 magnitude). Exact rules of the LQER authors' emulator (`block_fp.py` in the LQER repository):
   e = ceil(log2 max|x|) clamped to the 8-bit biased range, x̂ = sign(x)·2^e·
   clamp(round(|x|·2^(b−1)/2^e), 0, 2^(b−1)−1)/2^(b−1). A block whose maximum is exactly a power of two
   therefore loses one step at the top (max 1.0 → 0.875 for MXINT4); that is the authors' behaviour.

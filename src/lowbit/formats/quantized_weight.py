@@ -196,7 +196,7 @@ class LowRank:
     * "mxint8": int8 sign-magnitude codes m, F = m · 2^(e − 7) with one exponent (`exp_bits` bits) per
       `block_size` consecutive elements of a row (the last block of a row may be short): `a_scale`
       [in, ⌈k/bs⌉], `b_scale` [k, ⌈out/bs⌉] int16. Blocks run along the rank for A and along the output
-      for B, the [1, 16] orientation of the authors' sweep scripts (notes §1.4).
+      for B, the [1, 16] orientation of the authors' sweep scripts.
     """
 
     A: torch.Tensor

@@ -58,13 +58,15 @@ def atomic_dir(final: Path | str, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
 
 
-def _replace_from_tmp(path: Path, write) -> None:
+def atomic_write(path: Path | str, write, durable: bool = True) -> None:
+    """`write(tmp)` fills a temporary sibling of `path`, which then replaces `path` in one rename."""
     path = Path(path)
     tmp = _sibling(path, "tmp")
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:  # flush to disk before the rename makes the file visible
-            os.fsync(f.fileno())
+        if durable:  # flush to disk before the rename makes the file visible (scratch files skip it)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -72,17 +74,17 @@ def _replace_from_tmp(path: Path, write) -> None:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write UTF-8 `text` to `path` via a temporary file and an atomic rename."""
-    _replace_from_tmp(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and an atomic rename."""
-    _replace_from_tmp(Path(path), lambda tmp: tmp.write_bytes(data))
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str,
-                            metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file` via a temporary file and an atomic rename."""
+                            metadata: dict[str, str] | None = None, durable: bool = True) -> None:
+    """`safetensors.torch.save_file` via a temporary file and an atomic rename (`durable`: fsync first)."""
     from safetensors.torch import save_file
 
-    _replace_from_tmp(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata), durable)

@@ -17,13 +17,13 @@ the unfused `ExpertList` the pipeline uses. A missing tensor is a clear error na
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.io.read import open_safetensors, read_json
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -33,23 +33,21 @@ class TensorSource:
     at a time through memory-mapped `safe_open` handles."""
 
     def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
         self.path = Path(path)
         index, single = self.path / "model.safetensors.index.json", self.path / "model.safetensors"
-        try:
-            if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            elif single.is_file():
-                files, weight_map = ["model.safetensors"], None
-            else:
-                raise LowbitError(f"{self.path} has no safetensors weights (model.safetensors or an index of "
-                                  "shards); layer-by-layer loading reads safetensors only")
-            self._names = files
-            self._files = {f: self._open(f) for f in files}
-        except (OSError, ValueError, KeyError) as e:
-            raise LowbitError(f"cannot read the safetensors of {self.path}: {e}") from None
+        if index.is_file():
+            weight_map = read_json(index, "", "the shard index is damaged: copy or download the model again")
+            if not isinstance(weight_map.get("weight_map"), dict):
+                raise LowbitError(f"{index} has no weight_map; the shard index is damaged")
+            weight_map = weight_map["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            files, weight_map = ["model.safetensors"], None
+        else:
+            raise LowbitError(f"{self.path} has no safetensors weights (model.safetensors or an index of "
+                              "shards); layer-by-layer loading reads safetensors only")
+        self._names = files
+        self._files = {f: self._open(f) for f in files}
         self.where = weight_map or {k: files[0] for k in self._files[files[0]].keys()}
         for f, h in self._files.items():
             missing = set(k for k, v in self.where.items() if v == f) - set(h.keys())
@@ -80,9 +78,8 @@ class TensorSource:
                 self.expert_leaf["down_proj"] = src[0].split("*.")[-1]
 
     def _open(self, f: str):
-        from safetensors import safe_open
-
-        return safe_open(str(self.path / f), framework="pt")
+        return open_safetensors(self.path / f, "the model's weights are damaged or partially copied: copy or "
+                                "download them again")
 
     def close(self) -> None:
         """Unmap the files. The pages of a memory-mapped file that were read count in the process's

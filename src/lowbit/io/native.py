@@ -12,7 +12,6 @@ missing file, bad JSON, flipped byte, truncation, missing or misshapen tensor â€
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -27,6 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.fingerprint import file_sha256
 from lowbit.formats.quantized_weight import QuantizedWeight, bit_counts
 from lowbit.io.atomic import atomic_dir
+from lowbit.io.read import check_safetensors_dir, read_json, read_safetensors
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, INFO = "config.json", "model.safetensors", "lowbit.json"
@@ -170,18 +170,6 @@ def write_metadata(tmp: Path, config: dict, tokenizer, recipe: dict | None, extr
 
 # ---------------------------------------------------------------------------------------------- load
 
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise LowbitError(f"{path} not found: {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LowbitError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
-    if not isinstance(data, dict):
-        raise LowbitError(f"{path} is not a JSON object; the file is corrupt")
-    return data
-
-
 def _quantization_config(path: Path) -> dict:
     qc = read_json(path / CONFIG, "not a model directory").get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "lowbit":
@@ -210,15 +198,9 @@ def _verify(path: Path, info: dict) -> None:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    f = path / WEIGHTS
-    if not f.is_file():
-        raise LowbitError(f"{f} not found; the output is incomplete")
-    try:
-        return load_file(str(f))
-    except Exception as e:  # safetensors raises its own error types (and OSError) on damaged files
-        raise LowbitError(f"{f} is corrupt or truncated: {e}") from e
+    if not (path / WEIGHTS).is_file():
+        raise LowbitError(f"{path / WEIGHTS} not found; the output is incomplete")
+    return read_safetensors(path / WEIGHTS, "the output is damaged: quantize again")
 
 
 def _dtype_kw(dtype: torch.dtype) -> dict:
@@ -356,13 +338,31 @@ def _has_tokenizer(path: Path) -> bool:
     return any(next(path.glob(p), None) for p in ("tokenizer*", "vocab.*", "spiece.model"))
 
 
-def load_tokenizer(source: str, trust_remote_code: bool):
+def load_tokenizer(source: str, trust_remote_code: bool, **hub_kw):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kw)
     except (OSError, ValueError, KeyError) as e:
         raise LowbitError(f"cannot load the tokenizer of {source}: {e}") from e
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds. Without this check an
+    offline machine spends ~50 s in huggingface_hub's retries before saying that a model is not local."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:  # no DNS, no route, refused, timed out
+        return False
 
 
 def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -374,6 +374,7 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
     from transformers import AutoModelForCausalLM
 
     p = Path(path_or_id).expanduser()
+    hub_kw: dict = {}
     if p.exists():
         if not p.is_dir():
             raise LowbitError(f"{p} is a file, not a model directory")
@@ -386,21 +387,31 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
 
         if is_sliced_dir(p):  # structured pruning with per-layer widths (`lowbit prune --method pg|search`)
             return load_sliced(p, dtype), tokenizer
+        check_safetensors_dir(p)
         source = str(p)
     elif _HUB_ID.match(str(path_or_id)) and ".." not in str(path_or_id):
         source, tokenizer = str(path_or_id), None
+        if not hub_reachable():  # only the local hub cache can have it: look there, fail in seconds
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(source, CONFIG), str):
+                raise LowbitError(f"model {source} is not a local directory, the Hugging Face hub is unreachable "
+                                  "(offline?) and the local hub cache does not have it: pass a model directory")
+            hub_kw["local_files_only"] = True
     else:
         raise LowbitError(f"model path {p} does not exist (and is not a hub id of the form org/name)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **_dtype_kw(dtype))
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kw,
+                                                     **_dtype_kw(dtype))
     except OSError as e:
         if p.exists():
             raise LowbitError(f"cannot load model {source}: {str(e).splitlines()[0]}") from e
+        why = "the hub is unreachable and it is not in the local hub cache" if hub_kw else "no such model?"
         raise LowbitError(f"model {source} is not a local directory and could not be loaded from the Hugging "
-                          f"Face hub (offline, or no such model?): {str(e).splitlines()[0]}") from e
+                          f"Face hub ({why}): {str(e).splitlines()[0]}") from e
     except (ValueError, KeyError) as e:
         raise LowbitError(f"cannot load model {source}: {e}") from e
     if tokenizer is None and not p.exists():
-        tokenizer = load_tokenizer(source, trust_remote_code)
+        tokenizer = load_tokenizer(source, trust_remote_code, **hub_kw)
     model.eval()
     return model, tokenizer

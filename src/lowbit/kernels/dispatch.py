@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
 from lowbit.kernels import cpu
 
 BACKENDS = ("auto", "reference", "kernel")
@@ -39,7 +38,8 @@ def kernel_for(qw) -> str | None:
     return None
 
 
-def _native_lut() -> bool:
+def native_lut() -> bool:
+    """Whether the native LUT matvec built (without it the LUT path is slower than the reference)."""
     from lowbit.kernels import lut_native
 
     return lut_native.library() is not None
@@ -73,7 +73,7 @@ def base_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if backend == "auto":
         if getattr(module, "_auto_kind", "?") == "?":
             module._auto_kind = kernel_for(module.qweight)
-        if module._auto_kind is None or (module._auto_kind == "lut" and not _native_lut()):
+        if module._auto_kind is None or (module._auto_kind == "lut" and not native_lut()):
             return None
     _, kind, packed = _state(module, torch.bfloat16)
     if kind is None:
@@ -91,19 +91,3 @@ def base_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
         y = lut.lut_mm(xb, packed)
     return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
-def set_backend(model: nn.Module, backend: str) -> dict[str, int]:
-    """Set every QuantLinear's backend; returns how many layers each kernel (or the reference) runs."""
-    from lowbit.nn.quant_linear import QuantLinear
-
-    if backend not in BACKENDS:
-        raise LowbitError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.backend = backend
-            k = "reference" if backend == "reference" else (kernel_for(m.qweight) or "reference")
-            k = "reference" if (backend == "auto" and k == "lut" and not _native_lut()) else k
-            counts[k] = counts.get(k, 0) + 1
-    return counts

@@ -12,16 +12,17 @@ compiler, or when the build fails, `library()` returns None once with a warning,
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from lowbit.fingerprint import sha
+from lowbit.io.atomic import atomic_write
 
 SOURCE = Path(__file__).with_name("lut_matvec.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
@@ -44,20 +45,14 @@ def _build(cc: str) -> Path:
     from lowbit.cache import cache_root
 
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
+    key = sha(b"\0".join([src, cc.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
+                           platform.machine().encode()]))[:16]
     out = cache_root() / "kernels" / f"lut_matvec-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, lambda tmp: subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
+                                                 capture_output=True, text=True, timeout=120))
     return out
 
 

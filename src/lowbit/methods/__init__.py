@@ -1,12 +1,16 @@
 """The method registry: one entry point from (W, stats, config) to a `QuantizedWeight`.
 
-The pipeline, the recipes and the CLI only talk to methods through here, so adding a method means adding
-its config to `MethodConfigField` and one line to `_METHODS`.
+Every post-training method is declared once, in `METHODS` below: its config class (whose `method` literal
+is its name and whose docstring's first paragraph is its summary), its quantizer and whether it needs
+calibration statistics. The recipe schema (`MethodConfigField`), `parse_method_config`, the `--method`
+help of `lowbit quantize`, `lowbit methods` and docs/methods.md are all generated from it: adding a method
+means its own file, its config class and one line here.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Callable
+from dataclasses import dataclass
+from typing import Annotated, Callable, Union
 
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
@@ -26,13 +30,10 @@ from lowbit.methods.rtn import rtn_quantize
 from lowbit.methods.squeezellm import squeezellm_quantize
 from lowbit.methods.stats import LayerStats, StatsAccumulator
 
-__all__ = ["AQLMConfig", "AWQConfig", "LRQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "QuantEaseConfig", "SqueezeLLMConfig", "LayerStats", "MethodConfig", "MethodConfigField", "RTNConfig", "StatsAccumulator",
-           "needs_activation_stats", "needs_calibration", "parse_method_config", "quantize_weight"]
-
-MethodConfigField = Annotated[RTNConfig | GPTQConfig | ClaqConfig | SqueezeLLMConfig | HQQConfig | AWQConfig | QuantEaseConfig
-                              | AQLMConfig | LRQConfig,
-                              Field(discriminator="method")]
-_ADAPTER: TypeAdapter = TypeAdapter(MethodConfigField)
+__all__ = ["AQLMConfig", "AWQConfig", "LRQConfig", "ClaqConfig", "GPTQConfig", "HQQConfig", "QuantEaseConfig",
+           "SqueezeLLMConfig", "LayerStats", "METHODS", "Method", "MethodConfig", "MethodConfigField", "RTNConfig",
+           "StatsAccumulator", "method_names", "needs_activation_stats", "needs_calibration", "parse_method_config",
+           "quantize_weight"]
 
 Result = tuple[QuantizedWeight, float | None]
 
@@ -75,27 +76,59 @@ def _awq(W: torch.Tensor, stats: LayerStats | None, config: AWQConfig) -> Result
     return awq_quantize(W, stats, config, return_loss=True)
 
 
-# method name -> (implementation, needs calibration statistics: a bool, or a function of the config)
-_METHODS: dict[str, tuple[Callable[..., Result], bool | Callable[..., bool]]] = {
-    "rtn": (_rtn, False),
-    "gptq": (_gptq, True),
-    "claq": (_claq, True),
-    "squeezellm": (_squeezellm, lambda c: c.weighting != "none"),  # unweighted k-means needs no data
-    "hqq": (_hqq, False),
-    "awq": (_awq, True),
-    "quantease": (_quantease, True),
-    "aqlm": (_aqlm, True),
-    "lrq": (_lrq, True),
-}
+@dataclass(frozen=True)
+class Method:
+    config: type  # its pydantic config class; `config.model_fields["method"].default` is the name
+    quantize: Callable[..., Result]  # (W, stats, config) -> (QuantizedWeight, the method's loss or None)
+    needs_calibration: bool | Callable[..., bool]  # a bool, or a function of the config
+    kind: str  # "uniform" grid | "codebook" | "vector" | "reconstruction" (how `lowbit methods` groups them)
+
+    @property
+    def name(self) -> str:
+        return self.config.model_fields["method"].default
+
+
+METHODS: tuple[Method, ...] = (
+    Method(RTNConfig, _rtn, False, "uniform"),
+    Method(GPTQConfig, _gptq, True, "uniform"),
+    Method(AWQConfig, _awq, True, "uniform"),
+    Method(HQQConfig, _hqq, False, "uniform"),
+    Method(QuantEaseConfig, _quantease, True, "uniform"),
+    Method(ClaqConfig, _claq, True, "codebook"),
+    Method(SqueezeLLMConfig, _squeezellm, lambda c: c.weighting != "none", "codebook"),  # unweighted: no data
+    Method(AQLMConfig, _aqlm, True, "vector"),
+    Method(LRQConfig, _lrq, True, "reconstruction"),
+)
+_BY_NAME = {m.name: m for m in METHODS}
+_CONFIGS = tuple(m.config for m in METHODS)
+
+# The recipe's `quant:` field: one of the registered configs, chosen by its `method` key.
+MethodConfigField = Annotated[Union[_CONFIGS], Field(discriminator="method")]
+_ADAPTER: TypeAdapter = TypeAdapter(MethodConfigField)
+
+
+def method_names() -> list[str]:
+    return list(_BY_NAME)
+
+
+def switch_method(settings: dict, method: str) -> dict:
+    """What a config dict `settings` keeps when its method becomes `method`: the shared bits and symmetry,
+    and its group size unless that is the old method's default (a default the user never chose gives way
+    to the new method's own, e.g. CLAQ's codebook per column)."""
+    old = _BY_NAME.get(settings.get("method"))
+    kept = {k: settings[k] for k in ("bits", "symmetric") if k in settings}
+    if "group_size" in settings and (old is None or settings["group_size"] != old.config.model_fields["group_size"].default):
+        kept["group_size"] = settings["group_size"]
+    return {**kept, "method": method}
 
 
 def _entry(config: MethodConfig) -> tuple[Callable[..., Result], bool]:
-    try:
-        fn, needs = _METHODS[config.method]
-    except (KeyError, AttributeError):
+    m = _BY_NAME.get(getattr(config, "method", None))
+    if m is None:
         raise LowbitError(f"unknown quantization method {getattr(config, 'method', config)!r}; "
-                          f"choose one of {sorted(_METHODS)}") from None
-    return fn, bool(needs(config) if callable(needs) else needs)
+                          f"choose one of {method_names()}")
+    needs = m.needs_calibration
+    return m.quantize, bool(needs(config) if callable(needs) else needs)
 
 
 def needs_calibration(config: MethodConfig) -> bool:
@@ -126,8 +159,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: MethodCon
 
 def parse_method_config(d: dict | MethodConfig) -> MethodConfig:
     """Build the right config from a dict with a `method` key (YAML recipes and CLI flags share this)."""
-    if isinstance(d, (RTNConfig, GPTQConfig, ClaqConfig, SqueezeLLMConfig, HQQConfig, AWQConfig, QuantEaseConfig,
-                      AQLMConfig, LRQConfig)):
+    if isinstance(d, _CONFIGS):
         return d
     try:
         return _ADAPTER.validate_python(d)

@@ -1,6 +1,6 @@
 """CLAQ (Wang et al., arXiv 2405.17233): column-level k-means codebooks inside the GPTQ sweep.
 
-As the authors implement it (notes research-lqer-claq.md §2.2), for W [out, in] and H = (2/N) Σ xxᵀ:
+As the authors implement it, for W [out, in] and H = (2/N) Σ xxᵀ:
 
 1. GPTQ set-up: dead inputs zeroed, act-order, dampening, U = upper Cholesky factor of H⁻¹.
 2. Outlier Order (on the dead-fixed, permuted, not yet updated W): c_j = #{i : |W_ij| ≥ t · mean|W|},

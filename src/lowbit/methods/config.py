@@ -103,6 +103,24 @@ class WeightQuantConfig(BaseModel):
         return self
 
 
+class GptqSolverConfig(BaseModel):
+    """The settings of GPTQ's column sweep, declared once for every method that runs it (GPTQ, CLAQ, AWQ
+    with a GPTQ base, QuantEase's lazy blocks)."""
+
+    damp_percent: float = Field(0.01, ge=0, lt=1)  # λ = damp_percent · mean(diag H)
+    block_size: int = Field(128, ge=1)  # lazy batch update width B
+    act_order: bool = True  # columns by descending diag(H)
+
+
+class GptqGroupsConfig(GptqSolverConfig):
+    """GPTQ's sweep on a grouped uniform grid."""
+
+    # Group params from the original W (reference `--static-groups`): act-order then needs no g_idx, so
+    # GPTQ stores exactly what RTN stores and the two compare at matched bits. Dynamic groups cost
+    # 32 bits per input column for g_idx (0.125 bpw on a 256-wide layer).
+    static_groups: bool = True
+
+
 class RTNConfig(WeightQuantConfig):
     """Round-to-nearest onto a min-max grid: uniform integers, or MXINT blocks (LQER's format)."""
 
@@ -122,28 +140,14 @@ class RTNConfig(WeightQuantConfig):
         return self
 
 
-class GPTQConfig(WeightQuantConfig):
+class GPTQConfig(GptqGroupsConfig, WeightQuantConfig):
     """GPTQ (Frantar et al., 2023) as in the reference code IST-DASLab/gptq."""
 
     method: Literal["gptq"] = "gptq"
     reserves_outliers: ClassVar[bool] = True
-    damp_percent: float = 0.01  # λ = damp_percent · mean(diag H)
-    block_size: int = 128  # lazy batch update width B
-    act_order: bool = True  # columns by descending diag(H)
-    # Group params from the original W (reference `--static-groups`): act-order then needs no g_idx, so
-    # GPTQ stores exactly what RTN stores and the two compare at matched bits. Dynamic groups cost
-    # 32 bits per input column for g_idx (0.125 bpw on a 256-wide layer).
-    static_groups: bool = True
-
-    @field_validator("damp_percent")
-    @classmethod
-    def _damp(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError("damp_percent must be in [0, 1)")
-        return v
 
 
-class QuantEaseConfig(WeightQuantConfig):
+class QuantEaseConfig(GptqSolverConfig, WeightQuantConfig):
     """QuantEase (Behdin et al., arXiv 2309.01885): cyclic coordinate descent on tr((W−Ŵ)Σ(W−Ŵ)ᵀ) over
     the min-max grid of the original W (`methods.quantease`)."""
 
@@ -153,9 +157,7 @@ class QuantEaseConfig(WeightQuantConfig):
     # the authors' relaxation: every third sweep (index ≡ 1 mod 3, ≤ 25, not the last) left unquantized
     relax: bool = True
     init: Literal["w", "gptq"] = "w"  # Ŵ₀ = W (the paper) or GPTQ's solution on the same grid
-    act_order: bool = True
     damp_percent: float = Field(0.0, ge=0, lt=1)  # the authors use Σ undamped
-    block_size: int = Field(128, ge=1)  # columns per lazy block (the GEMM-friendly form of the sweep)
     outlier_step: float = Field(1.0, gt=0)  # α of the IHT step α / (2 λ_max(Σ))
 
     @model_validator(mode="after")
@@ -182,7 +184,7 @@ def _per_vector_only(v: int) -> int:
     return v
 
 
-class ClaqConfig(WeightQuantConfig):
+class ClaqConfig(GptqSolverConfig, WeightQuantConfig):
     """CLAQ (Wang et al., arXiv 2405.17233): per-input-column k-means codebooks fitted inside the GPTQ
     sweep, outlier-guided adaptive precision (AP) and outlier reservation (OR).
 
@@ -197,9 +199,6 @@ class ClaqConfig(WeightQuantConfig):
     method: Literal["claq"] = "claq"
     reserves_outliers: ClassVar[bool] = True  # its own OR: `outliers` below, per tail and column
     group_size: int = -1
-    damp_percent: float = Field(0.01, ge=0, lt=1)
-    block_size: int = Field(128, ge=1)
-    act_order: bool = True
     target_bits: float | None = None
     high_bits: int = 4
     ap_metric: Literal["outlier-order", "hessian"] = "outlier-order"
@@ -279,7 +278,7 @@ class HQQConfig(WeightQuantConfig):
         return v
 
 
-class AWQConfig(WeightQuantConfig):
+class AWQConfig(GptqGroupsConfig, WeightQuantConfig):
     """AWQ (Lin et al., arXiv 2306.00978) per layer (`methods.awq`): input-channel scale s = s_X^α with α
     searched on the layer output error, then RTN (with the authors' clip search) or GPTQ on W·diag(s).
     s is stored with the layer (fp16 per input channel, counted) unless the best α is 0."""
@@ -291,11 +290,7 @@ class AWQConfig(WeightQuantConfig):
     clip: bool | None = None
     clip_grid: int = Field(20, ge=1)  # shrink ratios 1 − i/clip_grid …
     max_shrink: float = Field(0.5, ge=0, lt=1)  # … for i < max_shrink·clip_grid (1.0 … 0.55)
-    # GPTQ knobs (base gptq), as GPTQConfig
-    damp_percent: float = Field(0.01, ge=0, lt=1)
-    block_size: int = Field(128, ge=1)
-    act_order: bool = True
-    static_groups: bool = True
+    # base gptq: the sweep's settings come from GptqGroupsConfig
 
     @model_validator(mode="after")
     def _clip(self):

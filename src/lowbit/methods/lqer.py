@@ -11,14 +11,14 @@ R = XᵀX/N = H/2. The minimiser over rank-k products is, by Eckart–Young in t
 
 * `scale="none"`: S = I, plain LQER (SVD of E).
 * `scale="act-mean"`: S = diag(s) (L²QER) with the authors' statistic s_j = max over calibration
-  batches b of mean_{t∈b}|x_tj| (`LayerStats.act_mean_abs_max`, notes §1.3). Clamped at 1e-4 so dead
+  batches b of mean_{t∈b}|x_tj| (`LayerStats.act_mean_abs_max`). Clamped at 1e-4 so dead
   channels keep S invertible, normalised s / √(min s · max s) (a no-op for A·B that only conditions
   the factors' magnitudes before they are stored).
 * `scale="act-rms"`: s_j = √R_jj (exact when input channels are uncorrelated).
 * `scale="exact"`: S = R^½ (QERA): (1) is then the true minimiser of the calibration output error.
 
-Storage (`factor_dtype`): fp16 / bf16 / fp32, or quantized after the SVD as the authors do (notes §1.3
-step 8): "mxint8" (8-bit exponent per 16 along each row: A along the rank, B along the output) or
+Storage (`factor_dtype`): fp16 / bf16 / fp32, or quantized after the SVD as the authors do:
+"mxint8" (8-bit exponent per 16 along each row: A along the rank, B along the output) or
 "int8" (symmetric, one fp16 scale per row of A = per input channel, per row of B = per rank
 component; those are the sides where S⁻¹ and Σ_k put their very unequal magnitudes, so U_k and V_k
 left inside each row are bounded). With `refit` (our addition; the authors quantize A and B

@@ -17,7 +17,7 @@ class LayerStats:
     hessian: H = (2/N) Σ x xᵀ  [in, in] (GPTQ's convention: the Hessian of ‖XWᵀ − XŴᵀ‖²/N).
     act_mean_abs: mean |x_j| per input channel over all N tokens [in] (AWQ's activation scale).
     act_mean_abs_max: max over calibration batches b of mean_{t∈b} |x_tj| [in] — the LQER authors'
-        statistic (`statistic_profiler/scale.py`, notes §1.3): a running maximum of per-batch means,
+        statistic (`statistic_profiler/scale.py` in the LQER repository): a running maximum of per-batch means,
         not a global mean. One batch is one forward call of the calibration loop.
     """
 

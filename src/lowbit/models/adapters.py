@@ -8,14 +8,14 @@ module tree and the config, not from a list per model type.
   (`num_experts` / `num_local_experts` in the config), a linear whose outputs are one per expert or a
   single gate value (Qwen2-MoE's `shared_expert_gate`) stays in full precision, like the peers keep it.
   Fused expert tensors are first unfolded into one linear per expert (`lowbit.models.experts`).
-* **Order.** GPTQ's "true-sequential" groups ({q, k, v} → o → {gate, up} → down, research notes B1) are
+* **Order.** GPTQ's "true-sequential" groups ({q, k, v} → o → {gate, up} → down, as in IST-DASLab/gptq) are
   read off the block's dataflow (`lowbit.models.dataflow`) when calibration runs, not from names.
 
 Anything else (a plain `nn.Module`, a model without such a list) gets the generic fallback: the whole
 model is one "block" and all its linears form one group, with statistics from a full forward pass.
 
 Layers are named by their full module path (`model.layers.0.mlp.down_proj`). Include/ignore/override
-patterns are Python regexes matched anywhere in the name (`re.search`): `down_proj` selects every
+patterns are regexes (RE2: linear-time, no backreferences or lookarounds) matched anywhere in the name (`search`): `down_proj` selects every
 down projection; anchor or add the dot when a prefix is ambiguous (`layers\\.1` also matches `layers.10`,
 `layers\\.1\\.` does not).
 `lm_head` (the output embedding) and embeddings are never quantized: they are not in any block, and the
@@ -25,7 +25,6 @@ in full precision too.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -34,7 +33,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lowbit.errors import LowbitError
-from lowbit.methods import MethodConfig, parse_method_config
+from lowbit.patterns import compile_pattern
+from lowbit.methods import MethodConfig, parse_method_config, switch_method
 from lowbit.nn.quant_linear import QuantLinear
 
 # ---- layer access: every method sees W in the PyTorch layout [out, in]
@@ -81,10 +81,6 @@ class Adapter:
     def is_router(self, module: nn.Module) -> bool:
         """A MoE router or gate: one output per expert, or a single gate value."""
         return self.n_experts > 0 and is_quantizable(module) and layer_shape(module)[0] in (1, self.n_experts)
-
-    def routers(self, block_name: str, block: nn.Module) -> list[str]:
-        pre = f"{block_name}." if block_name else ""
-        return [pre + n for n, m in block.named_modules() if n and self.is_router(m)]
 
     def groups(self, model: nn.Module, block_name: str, block: nn.Module) -> list[list[str]]:
         """The block's quantizable layers (full names, module order) as one group, before include/ignore.
@@ -161,9 +157,9 @@ class LayerPlan:
 
     def __post_init__(self):
         self.base = parse_method_config(self.base)
-        self._inc = [_compile(p) for p in self.include or []]
-        self._ign = [_compile(p) for p in self.ignore or []]
-        self._ovr = [(_compile(p), dict(d)) for p, d in self.overrides or []]
+        self._inc = [compile_pattern(p) for p in self.include or []]
+        self._ign = [compile_pattern(p) for p in self.ignore or []]
+        self._ovr = [(compile_pattern(p), dict(d)) for p, d in self.overrides or []]
         self._used: set[str] = set()
 
     def selected(self, name: str) -> bool:
@@ -171,7 +167,7 @@ class LayerPlan:
         ignored = self._hit(self._ign, name)  # evaluated even when not included, for warn_unused
         return included and not ignored
 
-    def _hit(self, pats: list[re.Pattern], name: str) -> bool:
+    def _hit(self, pats: list, name: str) -> bool:
         hits = [p for p in pats if p.search(name)]
         self._used.update(p.pattern for p in hits)
         return bool(hits)
@@ -192,21 +188,14 @@ class LayerPlan:
                 warnings.warn(f"lowbit: layer pattern {p!r} matched no layer to quantize", stacklevel=3)
 
 
-def _compile(p: str) -> re.Pattern:
-    try:
-        return re.compile(p)
-    except re.error as e:
-        raise LowbitError(f"invalid layer pattern {p!r}: {e}") from None
-
-
 def merge_config(cfg: MethodConfig, update: dict, name: str = "") -> MethodConfig:
     """Merge a partial config into `cfg` and validate it (model_copy(update=...) alone would not validate).
 
-    Switching method keeps only the settings both methods share (bits, group size, symmetry).
+    Switching method keeps what `methods.switch_method` keeps (bits, symmetry, a chosen group size).
     """
     base = cfg.model_dump()
     if update.get("method", cfg.method) != cfg.method:
-        base = {k: base[k] for k in ("bits", "group_size", "symmetric")}
+        base = switch_method(base, update["method"])
     try:
         return parse_method_config({**base, **update})
     except LowbitError as e:

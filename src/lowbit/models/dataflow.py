@@ -1,7 +1,7 @@
 """True-sequential groups read off a block's dataflow, for any architecture.
 
 GPTQ quantizes a block's linears in groups, each group's statistics taken with the groups before it
-already quantized (research notes B1): {q, k, v} → o → {gate, up} → down on a LLaMA block. What defines
+already quantized (GPTQ's true-sequential order): {q, k, v} → o → {gate, up} → down on a LLaMA block. What defines
 a group is the dataflow, not the names: the layers of one group read the very same input tensor, and
 the groups run in the order the block first calls them. So one forward pass of the block with a
 pre-hook on each linear gives the groups of any architecture: Phi-3's fused qkv_proj and gate_up_proj,

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.formats.quantized_weight import QuantizedWeight
+from lowbit.kernels.dispatch import BACKENDS, base_linear, kernel_for, native_lut
 
 
 class QuantLinear(nn.Module):
@@ -47,8 +49,6 @@ class QuantLinear(nn.Module):
 
     def base_gemm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x·Ŵ_baseᵀ (+ bias): a kernel when one applies, else the cached dequantized base weight."""
-        from lowbit.kernels.dispatch import base_linear
-
         y = base_linear(self, x)
         if y is None:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
@@ -56,7 +56,8 @@ class QuantLinear(nn.Module):
 
     def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor:
         """(x·A)·B as two small GEMMs (LQER's high-precision branch); with activation quantization both
-        intermediates are re-quantized, as the authors' emulation does (notes §1.3 step 10)."""
+        intermediates are re-quantized, as the LQER authors' emulation does
+        (their quantized linear re-quantizes x·A and its product with B)."""
         if self._lr_cache is None or self._lr_cache[0] != x.dtype:
             A, B = self.qweight.lowrank.factors()
             self._lr_cache = (x.dtype, A.to(x.dtype), B.to(x.dtype))
@@ -94,6 +95,12 @@ class QuantLinear(nn.Module):
                 + (f", act={self.act.format}{self.act.bits}" if self.act is not None else ""))
 
 
+def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """Module name → the QuantizedWeight its QuantLinear runs. The model is the one source of truth of what
+    is quantized: the pipeline, the fine-tuning stage and the savers all read it from here."""
+    return {n: m.qweight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -105,3 +112,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+def set_backend(model: nn.Module, backend: str) -> dict[str, int]:
+    """Set every QuantLinear's backend; returns how many layers each kernel (or the reference) runs."""
+    if backend not in BACKENDS:
+        raise LowbitError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = backend
+            k = "reference" if backend == "reference" else (kernel_for(m.qweight) or "reference")
+            k = "reference" if (backend == "auto" and k == "lut" and not native_lut()) else k
+            counts[k] = counts.get(k, 0) + 1
+    return counts

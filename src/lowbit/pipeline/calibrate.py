@@ -1,6 +1,6 @@
 """The sequential calibration driver: quantize a model block by block, one block's activations in memory.
 
-GPTQ's recipe (research notes B1, IST-DASLab/gptq `llama.py`):
+GPTQ's recipe (IST-DASLab/gptq `llama.py`):
 1. Capture the inputs of block 0 (the "Catcher": a pre-hook stores args/kwargs and aborts the forward).
 2. For block i and each true-sequential group of its linears: hook the group's inputs into running
    statistics (H = (2/N) Σ xxᵀ), run the block on every calibration batch, quantize the group and swap in
@@ -28,12 +28,12 @@ from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.fingerprint import sha, tensor_bytes
+from lowbit.fingerprint import json_sha, sha, tensor_bytes
 from lowbit.progress import OptionalProgress, peak_memory_mb
 from lowbit.formats.quantized_weight import QuantizedWeight
 from lowbit.methods import MethodConfig, StatsAccumulator, needs_activation_stats, needs_calibration, quantize_weight
@@ -42,6 +42,7 @@ from lowbit.pipeline.block_runner import BlockRunner, run_block
 from lowbit.models.adapters import Adapter, LayerPlan, get_adapter, layer_weight
 from lowbit.models.dataflow import sequential_groups
 from lowbit.models.experts import expert_layers, unfuse_experts
+from lowbit.io.atomic import atomic_save_safetensors, atomic_write, atomic_write_text
 from lowbit.io.lazy import TensorSource, load_block, release_block
 from lowbit.devices import is_cpu, resolve_device
 from lowbit.pipeline.offload import DiskBatches, batches_bytes
@@ -274,7 +275,9 @@ def quantize_model(
     source: "TensorSource | None" = None,
     parallel: "Parallel | None" = None,
 ) -> QuantizeResult:
-    """Quantize `model` in place (its linears become QuantLinears) and return every QuantizedWeight.
+    """Quantize `model` in place: its linears become QuantLinears, and the model is the result (read it
+    back with `nn.quant_linear.quantized_weights`). The returned `qweights` are the very objects those
+    QuantLinears hold, not copies; later stages change the model, never this dict.
 
     source: layer-by-layer mode (`lowbit.io.lazy`). `model` is a skeleton whose decoder blocks are on the
     meta device; each block is read from `source` when its turn comes, quantized, written to the block
@@ -418,7 +421,7 @@ def quantize_model(
                 block_seconds.append(time.perf_counter() - t_block)
                 bars.block_done()
             # Activation quantization (W4A8) is switched on only now: statistics are taken on unquantized
-            # activations, as the LQER authors profile the unquantized model (notes §1.3 stage P).
+            # activations, as the LQER authors profile the unquantized model before quantizing.
             for name, cfg in configs.items() if source is None else ():
                 if getattr(cfg, "act", None) is not None:
                     model.get_submodule(name).act = cfg.act
@@ -595,10 +598,6 @@ def _true_sequential(block, prefix, names, hidden, ctxs, traced: dict) -> list[l
     return [[pre + n for n in g] for g in traced[key]]
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 # ---- resume
 
 
@@ -619,16 +618,10 @@ def _fingerprint(model, plan: LayerPlan, configs, calib, batch_size: int, measur
     else:
         weights = [layer_weight(model.get_submodule(first)), layer_weight(model.get_submodule(last))]
     return {
-        "settings": sha(json.dumps(settings, sort_keys=True, default=str).encode()),
+        "settings": json_sha(settings),
         "calibration": sha(b"none" if calib is None else tensor_bytes(calib)),
         "model": sha(type(model).__name__.encode(), model_desc.encode(), *map(tensor_bytes, weights)),
     }
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def finished_block(checkpoint_dir: str | Path, i: int, meta: dict | None = None) -> dict[str, QuantizedWeight]:
@@ -757,18 +750,18 @@ class _Checkpoint:
         if self.main:
             from lowbit.formats.quantized_weight import bit_counts
 
-            _atomic(self.root / f"block-{i:05d}.safetensors", lambda p: save_file(tensors, str(p)))
+            atomic_save_safetensors(tensors, self.root / f"block-{i:05d}.safetensors")
             info = {"layers": metas, "records": recs, "counts": bit_counts(done)}
-            _atomic(self.root / f"block-{i:05d}.json", lambda p: p.write_text(json.dumps(info)))
+            atomic_write_text(self.root / f"block-{i:05d}.json", json.dumps(info))
         if next_inputs is not None:  # batch by batch: offloaded inputs never all in memory
             from lowbit.io.streamed import write_safetensors
 
             parts = lambda: ({f"batch.{j}": next_inputs[j]} for j in range(len(next_inputs)))  # noqa: E731
-            _atomic(self._inputs(i + 1), lambda p: write_safetensors(p, parts))
+            atomic_write(self._inputs(i + 1), lambda p: write_safetensors(p, parts))
         if self.parallel is not None:
             self.parallel.barrier()  # every rank's inputs are on disk before progress says so
         if self.main:
             prog = {"format": "lowbit-partial/1", "fingerprint": self.fp, "n_blocks": self.n_blocks, "done": i + 1,
                     "seconds": self.resumed_seconds + time.perf_counter() - self._t0}
-            _atomic(self.root / "progress.json", lambda p: p.write_text(json.dumps(prog, indent=1)))
+            atomic_write_text(self.root / "progress.json", json.dumps(prog, indent=1))
         self._inputs(i).unlink(missing_ok=True)

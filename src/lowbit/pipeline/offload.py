@@ -9,13 +9,14 @@ activations is one batch. It behaves like the list of tensors it replaces (`len`
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from lowbit.io.atomic import atomic_save_safetensors
 
 
 class DiskBatches:
@@ -30,9 +31,8 @@ class DiskBatches:
         return self.root / f"batch-{b:06d}.safetensors"
 
     def _write(self, b: int, h: torch.Tensor) -> None:
-        tmp = self.root / f".batch-{b:06d}.tmp"
-        save_file({"h": h.detach().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, self._path(b))
+        # scratch activations: renamed into place complete, but not fsynced (a crash recomputes them)
+        atomic_save_safetensors({"h": h.detach().cpu().contiguous()}, self._path(b), durable=False)
 
     def append(self, h: torch.Tensor) -> None:
         self._write(len(self._sizes), h)

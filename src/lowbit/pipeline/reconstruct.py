@@ -28,6 +28,7 @@ from lowbit.models.adapters import layer_weight
 from lowbit.models.swap import make_quant_linear
 from lowbit.nn.quant_linear import replace_module
 from lowbit.pipeline.block_runner import run_block
+from lowbit.qat.loop import run_steps
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -46,18 +47,18 @@ def fit_block(block: nn.Module, params: list, inputs: list, ctxs: list, targets:
     CosineAnnealingLR, eta_min 0), minimising `block_loss`. Returns the mean loss over every batch before."""
     loss_start = mean_block_loss(block, inputs, ctxs, targets)
     opt = torch.optim.Adam(params, lr=lr, betas=betas)
+    opt.zero_grad(set_to_none=True)
     n = len(inputs)
+
+    def backward(step: int) -> float:
+        b = int(torch.randint(n, (1,), generator=generator))
+        loss = block_loss(run_block(block, inputs[b], ctxs[b]), targets[b])
+        loss.backward()
+        return float(loss.detach())
+
     with torch.enable_grad():
-        for step in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            b = int(torch.randint(n, (1,), generator=generator))
-            loss = block_loss(run_block(block, inputs[b], ctxs[b]), targets[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if bars is not None:
-                bars.step(float(loss.detach()))
+        run_steps(opt, steps, backward=backward, lr_factor=lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)),
+                  after=None if bars is None else lambda step, loss, f: bars.step(loss))
     return loss_start
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats.codebook import CodebookGrid
 from lowbit.formats.quantized_weight import QuantizedWeight, UniformGrid
-from lowbit.nn.quant_linear import QuantLinear, replace_module
+from lowbit.nn.quant_linear import QuantLinear, quantized_weights, replace_module
 from lowbit.progress import StepProgress
 
 
@@ -54,11 +54,27 @@ class FinetuneStageConfig(BaseModel):
 # ---------------------------------------------------------------------------------------------- prune
 
 def prune_stage(model: nn.Module, cfg, calib: torch.Tensor | None) -> dict:
-    """Prune `model` in place (UDFC). Returns the report plus {"original_shapes": {linear: [out, in]}}.
-    Any kept channel count works with any group size: down_proj's last group is partial when needed."""
-    from lowbit.models.adapters import layer_shape
+    """Prune `model` in place (UDFC, or structured: activation / pg / search). Returns the report plus
+    {"original_shapes": {linear: [out, in]}}, the shapes every bit is counted over. Any kept width works
+    with any group size: a layer's last group is partial when needed."""
+    from lowbit.models.adapters import get_adapter, layer_shape
     from lowbit.prune.hf import mlp_blocks, prune_hf
 
+    if cfg.method != "udfc":
+        from lowbit.prune.structured_run import structured_prune
+
+        adapter = get_adapter(model)
+        shapes = {n: list(layer_shape(model.get_submodule(n)))
+                  for bn, b in adapter.blocks(model) for g in adapter.groups(model, bn, b) for n in g}
+        # the recipe's calibration windows serve both the moments and, cut to 128 tokens, the batches the
+        # policy or the search scores masks on (`lowbit prune` scores them on separate C4 training text)
+        train = None if calib is None else calib[:, :128]
+        report = structured_prune(model, cfg.method, cfg.ratio, calib, train, pg_steps=cfg.pg_steps,
+                                  search_generations=cfg.search_generations,
+                                  search_population=cfg.search_population, seed=cfg.seed)
+        report["original_shapes"] = {n: s for n, s in shapes.items()
+                                     if list(layer_shape(model.get_submodule(n))) != s}
+        return report
     if cfg.bits is not None:
         raise LowbitError("prune.bits quantizes with RTN inside the prune step; in a recipe the quant: section "
                           "quantizes the pruned model, so leave prune.bits unset")
@@ -142,20 +158,21 @@ def window_losses(model: nn.Module, windows: torch.Tensor, loss: str, teacher: n
     return total / n
 
 
-def finetune_stage(model: nn.Module, teacher: nn.Module | None, qweights: dict[str, QuantizedWeight],
-                   cfg: FinetuneStageConfig, windows: torch.Tensor, progress: bool = False,
-                   ) -> tuple[dict[str, QuantizedWeight], dict]:
-    """Fine-tune the quantized `model` in place; returns (new qweights, report). The model ends with
-    QuantLinears running the returned weights; the stored bits of every layer are unchanged. `progress`:
-    a bar of the training steps with the running loss (timestamped lines in a log file)."""
+def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneStageConfig, windows: torch.Tensor,
+                   progress: bool = False) -> dict:
+    """Fine-tune the quantized `model` in place and return a report; its QuantLinears end running the
+    tuned weights (`quantized_weights(model)`), the stored bits of every layer unchanged. `progress`: a bar
+    of the training steps with the running loss (timestamped lines in a log file)."""
     from lowbit.qat.codebook_tuning import CodebookTuneLinear
     from lowbit.qat.data import batch_indices
+    from lowbit.qat.loop import run_steps
     from lowbit.qat.trainer import window_loss
 
     if windows is None or windows.numel() == 0:
         raise LowbitError("the finetune stage needs calibration windows")
     if cfg.loss == "kd" and teacher is None:
         raise LowbitError("finetune loss 'kd' needs the unquantized teacher model")
+    qweights = quantized_weights(model)
     names = check_finetune(cfg, qweights, model)
     training = model.training
     model.eval()  # no dropout: the loss is a deterministic function of the parameters
@@ -175,29 +192,28 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, qweights: dict[s
                 (quant if pname in ("s", "b") else main).append(p)
     groups = [{"params": main, "lr": cfg.lr}] + ([{"params": quant, "lr": cfg.lr_quant}] if quant else [])
     opt = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8, foreach=False)
-    base_lrs = [g["lr"] for g in groups]
     ones = torch.ones_like(windows, dtype=torch.bool)
     shown = windows[:cfg.report_windows]
     before = window_losses(model, shown, cfg.loss, teacher)
     history = []
+
+    def backward(step: int) -> float:
+        idx = batch_indices(windows.shape[0], cfg.batch_size, step, cfg.seed)
+        ids = windows[idx]
+        loss = window_loss(model, ids, ones[idx], cfg.loss, teacher) / (ids.shape[0] * (ids.shape[1] - 1))
+        loss.backward()
+        return float(loss.detach())
+
     try:
         with StepProgress(f"finetune ({cfg.method})", cfg.steps, progress, loss=float("nan")) as bar:
-            for step in range(cfg.steps):
-                for g, lr in zip(opt.param_groups, base_lrs):
-                    g["lr"] = lr * _lr(step, cfg.steps)
-                idx = batch_indices(windows.shape[0], cfg.batch_size, step, cfg.seed)
-                ids = windows[idx]
-                loss = window_loss(model, ids, ones[idx], cfg.loss, teacher) / (ids.shape[0] * (ids.shape[1] - 1))
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                history.append(float(loss.detach()))
-                bar.update(loss=history[-1])
-        new = dict(qweights)
+            def after(step: int, loss: float, f: float) -> None:
+                history.append(loss)
+                bar.update(loss=loss)
+
+            run_steps(opt, cfg.steps, backward=backward, lr_factor=lambda step: _lr(step, cfg.steps), after=after)
         with torch.no_grad():
             for name, layer in layers.items():
                 qw = layer.export() if cfg.method == "codebook" else layer.export(qweights[name].dtype)
-                new[name] = qw
                 replace_module(model, name, QuantLinear(qw, layer.bias))
     except BaseException:
         for name in layers:  # leave the model as it came: the base QuantLinears
@@ -211,7 +227,7 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, qweights: dict[s
     report = {"config": cfg.model_dump(), "layers": len(layers), "loss_windows": shown.shape[0],
               "loss_before": before, "loss_after": after,
               "train_loss": history}
-    return new, report
+    return report
 
 
 def keep_teacher(model: nn.Module, finetune: FinetuneStageConfig | None) -> nn.Module | None:

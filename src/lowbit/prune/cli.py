@@ -77,12 +77,8 @@ def structured_job(model_path: str, out: str | Path, method: str, ratio: float, 
     from lowbit.errors import LowbitError
     from lowbit.io.atomic import atomic_dir
     from lowbit.io.native import load_model
-    from lowbit.prune import structured as st
     from lowbit.prune.criteria import check_ratio
-    from lowbit.prune.policy import hard_mask
-    from lowbit.prune.slicing import at_least_one, slice_model
-
-    import torch
+    from lowbit.prune.structured_run import structured_prune
 
     check_ratio(ratio)
     out = Path(out)
@@ -93,43 +89,17 @@ def structured_job(model_path: str, out: str | Path, method: str, ratio: float, 
         raise LowbitError(f"{model_path} is quantized by lowbit; prune the original model")
     if tokenizer is None:
         raise LowbitError(f"{model_path} has no tokenizer; structured pruning reads calibration text")
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise LowbitError(f"{name}: NaN/inf values in the weight; refusing to prune")
-    S = st.find_structures(model)
-    keep = 1.0 - ratio
     seqlen = calib_seqlen or min(512, getattr(model.config, "max_position_embeddings", 512) or 512)
-    t0 = time.perf_counter()
     calib = datasets.calibration_windows(tokenizer, datasets.c4_split("calib", data), calib_samples, seqlen, seed)
-    moments = st.input_moments(model, S, calib)
-    record: dict = {}
-    if method == "activation":
-        gs, cs = st.scores(S, "activation", moments)
-        g = at_least_one(hard_mask(gs, keep), gs, S.n_kv)
-        c = st.per_layer_mask(cs, S.n_channels, keep)
-    else:
+    train = None
+    if method in ("pg", "search"):  # the masks are scored on C4 training documents, never the calibration set
         n_train = max(8, 4 * pg_steps) if method == "pg" else 8
         train = datasets.calibration_windows(tokenizer, datasets.c4_split("train", data), n_train,
                                              min(128, seqlen), seed + 1)
-        if method == "pg":
-            from lowbit.prune.pg import pg_masks
-
-            g, c, record = pg_masks(model, S, train, keep, moments, steps=pg_steps, batch_size=4, seed=seed)
-        elif method == "search":
-            from lowbit.prune.search import search_masks
-
-            g, c, record = search_masks(model, S, train, keep, moments, generations=search_generations,
-                                        population=search_population, seed=seed)
-        else:
-            raise LowbitError(f"unknown structured pruning method {method!r}: activation | pg | search")
-    before = sum(p.numel() for p in model.parameters())
-    refit = st.compensate(S, g, c, moments)
-    widths = slice_model(model, S, g, c)
-    report = {"method": method, "ratio": ratio, "source_model": str(model_path), "widths": widths,
-              "parameters": [before, sum(p.numel() for p in model.parameters())],
-              "calibration_windows": list(calib.shape), "seconds": time.perf_counter() - t0,
-              "refit": refit["layers"], "search": {k: v for k, v in record.items() if k != "history"},
-              "history": record.get("history", [])}
+    report = structured_prune(model, method, ratio, calib, train, pg_steps=pg_steps,
+                              search_generations=search_generations, search_population=search_population,
+                              seed=seed)
+    report["source_model"] = str(model_path)
     from transformers.utils import logging as hf_logging
 
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -1,4 +1,5 @@
-"""The one config of UDFC pruning + quantization (same object in Python, the CLI and reports)."""
+"""The one config of pruning (same object in Python, recipes, the CLI and reports): UDFC's MLP-channel
+pruning with closed-form compensation, or structured pruning of KV groups and MLP channels."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from lowbit.formats.quant_primitives import SUPPORTED_BITS
 
 
 class PruneConfig(BaseModel):
-    """ratio: fraction of each prunable layer's channels removed (global: of all prunable channels).
+    """method: udfc (MLP channels, every layer the same width, compensation below) | activation | pg |
+    search (KV groups and MLP channels, per-layer widths, least-squares refit: `prune.structured_run`).
+    ratio: fraction of each prunable layer's channels removed (global: of all prunable channels; the
+    structured methods: of all KV groups and of all MLP channels).
     bits: per-channel symmetric RTN width of every weight (None: no quantization).
     compensation: none | merge (Neuron Merging, one partner) | udfc (closed form).
     family: the UDFC family of T (docs/udfc.md §2): scale (UDFC: rescale kept, combine pruned), prune
@@ -18,6 +22,7 @@ class PruneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    method: Literal["udfc", "activation", "pg", "search"] = "udfc"
     ratio: float = Field(0.3, ge=0.0, lt=1.0)
     bits: int | None = None
     compensation: Literal["none", "merge", "udfc"] = "udfc"
@@ -31,6 +36,14 @@ class PruneConfig(BaseModel):
     data_light: bool = False  # HF: moments from calibration activations instead of the Gaussian proxy
     calib_samples: int = Field(32, ge=1)
     calib_seqlen: int | None = None
+    pg_steps: int = Field(100, ge=1)  # pg: policy steps (2 sampled masks per step)
+    search_generations: int = Field(8, ge=1)  # search
+    search_population: int = Field(16, ge=2)  # search
+
+    @property
+    def needs_data(self) -> bool:
+        """Calibration windows: the structured methods' scores and refit, UDFC's data-light moments."""
+        return self.method != "udfc" or self.data_light
 
     @field_validator("bits")
     @classmethod

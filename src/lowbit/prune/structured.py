@@ -33,10 +33,6 @@ class Structures:
     n_channels: int
 
     @property
-    def groups_per_layer(self) -> int:
-        return self.n_kv
-
-    @property
     def n_groups(self) -> int:
         return len(self.blocks) * self.n_kv
 

@@ -13,7 +13,6 @@ bit-identically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lowbit.errors import LowbitError
+from lowbit.io.read import read_json
 from lowbit.io.atomic import atomic_save_safetensors, atomic_write_text
 
 FORMAT = "lowbit-qat-partial/1"
@@ -29,15 +29,6 @@ FORMAT = "lowbit-qat-partial/1"
 
 def checkpoint_dir_for(out: Path) -> Path:
     return Path(out).parent / f".{Path(out).name}.qat-partial"
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def save(root: Path, step: int, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
@@ -62,13 +53,7 @@ def _read_state(root: Path) -> dict | None:
     p = root / "state.json"
     if not p.exists():
         return None
-    try:
-        d = json.loads(p.read_text())
-        if d.get("format") != FORMAT:
-            raise ValueError(f"format {d.get('format')!r}")
-        return d
-    except (OSError, ValueError) as e:
-        raise LowbitError(f"unreadable QAT checkpoint {p} ({e}); delete {root} to start over") from None
+    return read_json(p, "", f"unreadable QAT checkpoint: delete {root} to start over", format=FORMAT)
 
 
 def load(root: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -13,7 +13,7 @@ DATA_HELP = "Data directory (default: $LOWBIT_DATA, else ../shared/data when pre
 def finetune(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: str = typer.Option("l4q", help="l4q | lr-qat | qlora | lsq (full-weight QAT) | lora (float LoRA, no quantization) | onebit (1-bit sign ⊙ rank-1, use with --loss kd --kd-hidden 1) | loqt (low-rank factor merged into the quantized weight at growing gaps) | spiel (sparse Δ at fixed density, dropped and regrown)."),
+    method: str = typer.Option("l4q", help="A fine-tuning method listed by `lowbit methods` (onebit: use with --loss kd --kd-hidden 1)."),
     bits: int = typer.Option(4, help="Weight bits: 2-8."),
     group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128; loqt 64)."),
     rank: Optional[int] = typer.Option(None, help="LoRA / low-rank rank r (default 4; loqt 16)."),
@@ -48,6 +48,7 @@ def finetune(
     accumulate_steps: int = typer.Option(5, help="spiel: steps of candidate gradients summed before each reselection (S)."),
     drop_fraction: float = typer.Option(0.2, help="spiel: share of the entries replaced at the first reselection, decayed linearly to 0."),
     loqt_export: str = typer.Option("requantize", help="loqt: requantize (final merge re-quantized: a plain integer model) | lowrank (grid + fp16 factors)."),
+    settings: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE, repeatable: any setting of the method (quant.KEY, e.g. quant.regrid=true) or of training (train.KEY, e.g. train.grad_clip=1.0) by name; `lowbit methods` lists them."),
     nproc: int = typer.Option(1, help="Spawn N local data-parallel processes (or launch with torchrun)."),
     threads: Optional[int] = typer.Option(None, help="torch threads per process."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N: where the model, adapters and optimizer live (auto: the first GPU when CUDA is available; data-parallel CUDA runs: each process on cuda:LOCAL_RANK, NCCL)."),
@@ -91,12 +92,19 @@ def finetune(
                  accumulate_steps=accumulate_steps, drop_fraction=drop_fraction)
     if method == "onebit":
         q = {"method": "onebit"}
+    t = dict(steps=steps, lr=lr, lr_quant=lr_quant, weight_decay=weight_decay, batch_size=batch_size,
+             micro_batch=micro_batch, seqlen=seqlen, loss=loss, kd_hidden=kd_hidden, dataset=dataset,
+             data_path=str(data_file) if data_file else None, eval_every=eval_every, eval_windows=eval_windows,
+             checkpoint_every=checkpoint_every, seed=seed)
+    if settings:
+        from lowbit.cli_options import assign
+
+        both = assign({"quant": q, "train": t}, settings)
+        if set(both) != {"quant", "train"}:
+            raise LowbitError(f"--set: keys start with quant. or train., not {sorted(set(both) - {'quant', 'train'})}")
+        q, t = both["quant"], both["train"]
     qcfg = parse_qat_config(q)
-    tcfg = parse_train_config(dict(
-        steps=steps, lr=lr, lr_quant=lr_quant, weight_decay=weight_decay, batch_size=batch_size,
-        micro_batch=micro_batch, seqlen=seqlen, loss=loss, kd_hidden=kd_hidden, dataset=dataset,
-        data_path=str(data_file) if data_file else None, eval_every=eval_every, eval_windows=eval_windows,
-        checkpoint_every=checkpoint_every, seed=seed))
+    tcfg = parse_train_config(t)
     if nproc < 1:
         raise LowbitError(f"--nproc must be at least 1, got {nproc}")
     kw = dict(data=data, overwrite=overwrite, progress=not quiet, restart=restart, threads=threads, device=device)

@@ -7,7 +7,7 @@ of the exported model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -121,10 +121,13 @@ class SpIELConfig(BaseModel):
     drop_fraction: float = Field(0.2, ge=0, le=1)  # p₀, decayed linearly to 0 over training
 
 
-QATConfig = Annotated[L4QConfig | LSQConfig | LRQATConfig | QLoRAConfig | LoRAConfig | OneBitConfig | LoQTConfig
-                      | SpIELConfig, Field(discriminator="method")]
+# The fine-tuning methods, declared once: `lowbit finetune --method`, its validation, `lowbit methods` and
+# docs/methods.md come from this tuple (each class's `method` literal is its name, its docstring's first
+# paragraph its summary).
+CONFIGS = (L4QConfig, LRQATConfig, QLoRAConfig, LSQConfig, LoRAConfig, OneBitConfig, LoQTConfig, SpIELConfig)
+METHODS = tuple(c.model_fields["method"].default for c in CONFIGS)
+QATConfig = Annotated[Union[CONFIGS], Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(QATConfig)
-METHODS = ("l4q", "lr-qat", "qlora", "lsq", "lora", "onebit", "loqt", "spiel")
 
 
 class TrainConfig(BaseModel):

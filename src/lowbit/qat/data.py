@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -140,8 +139,3 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
 def target_count(w: Windows, idx: torch.Tensor) -> int:
     """Predicted tokens of the windows `idx` (targets are positions 1..seqlen−1)."""
     return int(w.mask[idx, 1:].sum())
-
-
-def check_file(path: str | Path) -> None:
-    if not Path(path).is_file():
-        raise LowbitError(f"training data file {path} does not exist")

@@ -82,15 +82,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def broadcast_error(msg: str | None, world: World) -> str | None:
-    """Rank 0's error message (or None) on every rank, so all processes stop together."""
-    if world.size <= 1:
-        return msg
-    box = [msg]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ with the scale s stored in fp16 and the zero point z an integer in [0, 2^n − 1
 So the exported `QuantizedWeight` dequantizes bit-identically to the training forward's W_q (float32
 arithmetic on the same integers and the same fp16 scale), and every format, kernel and exporter of lowbit
 applies to a QAT result unchanged. The price of integer zeros: L4Q's offset moves in whole steps (the
-paper's float b would need a kernel with a float per-group offset, research notes §1.4).
+paper's float b would need a kernel with a float per-group offset).
 """
 
 from __future__ import annotations

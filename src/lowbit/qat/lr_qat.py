@@ -1,6 +1,6 @@
 """LR-QAT (Bondarenko et al., 2024): the low-rank term lives *inside the rounding*, in integer-grid units.
 
-    Ŵ = s · (clamp(⌊Φ₀ + (α/r)·A·B⌉ + z₀, 0, 2^n − 1) − z₀),   Φ₀ = φ(W₀ / s₀)      (notes §3.1)
+    Ŵ = s · (clamp(⌊Φ₀ + (α/r)·A·B⌉ + z₀, 0, 2^n − 1) − z₀),   Φ₀ = φ(W₀ / s₀)      (the paper's weight)
 
 A [out, r], B [r, in] count in grid steps (1 = one quantization step of the *initial* scale s₀); s₀ and the
 integer zero z₀ come from range estimation (lowbit's min-max RTN grid, or a PTQ result) and Φ₀ is frozen;

@@ -14,7 +14,6 @@ bit-identical to an uninterrupted one (same process count and thread count).
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -26,11 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.fingerprint import json_sha, tensors_sha
 from lowbit.qat import checkpoint as ckpt
 from lowbit.progress import OptionalProgress, peak_memory_mb
 from lowbit.qat import distributed as dd
 from lowbit.qat.config import TrainConfig
 from lowbit.qat.data import Windows, batch_indices, load_windows, target_count
+from lowbit.qat.loop import StepSchedule, run_steps
 from lowbit.qat.prepare import needs_ptq, prepare_model, ptq_weights, trainable
 
 
@@ -117,32 +118,12 @@ class _Progress(OptionalProgress):
 
 def _fingerprint(qcfg, tcfg: TrainConfig, model: nn.Module, windows: Windows, world: dd.World) -> dict:
     """What a checkpoint depends on, hashed per part so that a refusal can say which part changed."""
-    import hashlib
-
-    def js(d: dict) -> str:
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
-
     weights = list(model.parameters())
-    return {"method": js(qcfg.model_dump()),
-            "training settings": js(tcfg.model_dump(exclude={"eval_every", "checkpoint_every"})),
-            "model": ckpt.tensor_digest(weights[0], weights[-1]),
-            "data": ckpt.tensor_digest(windows.ids, windows.mask),
+    return {"method": json_sha(qcfg.model_dump()),
+            "training settings": json_sha(tcfg.model_dump(exclude={"eval_every", "checkpoint_every"})),
+            "model": tensors_sha(weights[0], weights[-1]),
+            "data": tensors_sha(windows.ids, windows.mask),
             "process count": str(world.size)}
-
-
-class StepSchedule:
-    """What a method does around the shared optimizer step; the default does nothing. A method with state
-    that changes on a schedule (LoQT's merges, SpIEL's reselections) subclasses it in its own file."""
-
-    def begin(self, step: int) -> bool:
-        """Before the step's forward passes; True: this step's gradients are the method's, not AdamW's."""
-        return False
-
-    def take_step(self, step: int, opt: torch.optim.Optimizer) -> None:
-        """Instead of AdamW's step when `begin` returned True."""
-
-    def end(self, step: int, opt: torch.optim.Optimizer) -> None:
-        """After the step (and its zero_grad)."""
 
 
 def _schedule(qcfg, layers: dict[str, nn.Module], world: dd.World, steps: int) -> StepSchedule:
@@ -171,12 +152,10 @@ def _load_layer_state(layers: dict[str, nn.Module], saved: dict[str, torch.Tenso
 
 
 def _calibration(tokenizer, model, tcfg: TrainConfig, data: str | None) -> torch.Tensor:
-    from lowbit.jobs import calibration_data
-    from lowbit.recipe import Recipe
+    from lowbit.calibration import CalibrationConfig, calibration_windows
 
     seqlen = min(tcfg.seqlen, getattr(model.config, "max_position_embeddings", tcfg.seqlen) or tcfg.seqlen)
-    r = Recipe.model_validate({"calibration": {"seqlen": seqlen}})
-    return calibration_data(r, tokenizer, model, data)
+    return calibration_windows(CalibrationConfig(seqlen=seqlen), tokenizer, seqlen, data)
 
 
 def train(model_path: str, out: str | Path, qcfg, tcfg: TrainConfig, *, data: str | None = None,
@@ -266,43 +245,31 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
     if world.main and tcfg.eval_every and start == 0:
         initial = {f"initial_{k}": v for k, v in evaluate(model, eval_w, tcfg.loss, teacher).items()}
     model.train()
-    tokens, t0 = 0, time.perf_counter()
+    t0 = time.perf_counter()
     evals: list[dict] = [h for h in history if "eval_nll" in h]
+
+    def backward(step: int) -> float:
+        idx = batch_indices(len(train_w), tcfg.batch_size, step, tcfg.seed)
+        n_tgt = target_count(train_w, idx)  # the loss is a mean over the whole batch's target tokens
+        mine = idx[world.rank * local:(world.rank + 1) * local]
+        total = 0.0
+        for i in range(0, local, micro):
+            j = mine[i:i + micro]
+            loss = window_loss(model, train_w.ids[j], train_w.mask[j], tcfg.loss, teacher, tcfg.kd_hidden) / n_tgt
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
     with _Progress(progress, tcfg.steps, start) as bar:
-        for step in range(start, tcfg.steps):
-            f = lr_factor(step, tcfg)
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * f
-            idx = batch_indices(len(train_w), tcfg.batch_size, step, tcfg.seed)
-            n_tgt = target_count(train_w, idx)
-            mine = idx[world.rank * local:(world.rank + 1) * local]
-            loss_sum = 0.0
-            method_step = schedule.begin(step)
-            for i in range(0, local, micro):
-                j = mine[i:i + micro]
-                loss = window_loss(model, train_w.ids[j], train_w.mask[j], tcfg.loss, teacher,
-                                   tcfg.kd_hidden) / n_tgt
-                loss.backward()
-                loss_sum += float(loss.detach())
-            plist = list(params.values())
-            loss_sum = dd.all_reduce_sum(loss_sum, world)
-            if method_step:
-                schedule.take_step(step, opt)
-            else:
-                dd.all_reduce_grads(plist, world)
-                if tcfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(plist, tcfg.grad_clip)
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            schedule.end(step, opt)
-            tokens += tcfg.batch_size * tcfg.seqlen
-            rec = {"step": step + 1, "loss": loss_sum, "lr": base_lrs[0] * f}
+        def after(step: int, loss: float, f: float) -> None:
+            rec = {"step": step + 1, "loss": loss, "lr": base_lrs[0] * f}
             last = step + 1 == tcfg.steps
             if world.main and tcfg.eval_every and ((step + 1) % tcfg.eval_every == 0 or last):
                 rec.update(evaluate(model, eval_w, tcfg.loss, teacher))
                 evals.append(rec)
             history.append(rec)
-            bar.update(loss=loss_sum, tps=tokens / (time.perf_counter() - t0),
+            tokens = (step + 1 - start) * tcfg.batch_size * tcfg.seqlen
+            bar.update(loss=loss, tps=tokens / (time.perf_counter() - t0),
                        ev=f"{evals[-1]['eval_nll']:.4f}" if evals else "—")
             if tcfg.checkpoint_every and ((step + 1) % tcfg.checkpoint_every == 0) and not last:
                 if world.main:
@@ -310,6 +277,10 @@ def _train(world, model_path, out, qcfg, tcfg, data, overwrite, progress, restar
                 dd.barrier(world)
             if on_step is not None:
                 on_step(step + 1, rec)
+
+        run_steps(opt, tcfg.steps, start=start, backward=backward, lr_factor=lambda step: lr_factor(step, tcfg),
+                  schedule=schedule, world=world, grad_clip=tcfg.grad_clip, after=after)
+    tokens = (tcfg.steps - start) * tcfg.batch_size * tcfg.seqlen
     train_s = time.perf_counter() - t0
     for layer in layers.values():  # LoQT: the last merge and re-quantization, so that what is evaluated is what is saved
         if hasattr(layer, "finalize"):

@@ -105,7 +105,8 @@ def load_for_inference(path: str | Path, backend: str = "auto", dtype: str | Non
     from lowbit.devices import resolve_device
     from lowbit.exporters.common import DTYPES
     from lowbit.io.native import load_tokenizer, load_quantized
-    from lowbit.kernels.dispatch import BACKENDS, set_backend
+    from lowbit.kernels.dispatch import BACKENDS
+    from lowbit.nn.quant_linear import set_backend
 
     if backend not in BACKENDS:
         raise LowbitError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -26,7 +26,7 @@ def generate_cmd(
     """Stream a continuation of PROMPT with the quantized model; print tokens/s and memory."""
     import torch
 
-    from lowbit.kernels.generate import generate, load_for_inference
+    from lowbit.inference.generate import generate, load_for_inference
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,0 +1,1 @@
+"""Running a quantized model: token generation (`lowbit generate`) on the kernels of `lowbit.kernels`."""
