@@ -8,6 +8,7 @@ children, as a registry does; a child always runs after its package).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import lowbit
@@ -154,11 +155,13 @@ def test_every_registered_method_is_reachable_by_name_everywhere():
     assert listed == {("quantize", n) for n in names} | {("finetune", n) for n in QAT_METHODS}
     res = CliRunner().invoke(app, ["quantize", "model", "-o", "out", "--method", "nosuch"])
     assert res.exit_code == 2 and all(n in res.output for n in names), res.output
+    for command, registered in (("quantize", names), ("finetune", QAT_METHODS)):  # --help from the registries
+        res = CliRunner().invoke(app, [command, "--help"])
+        flat = re.sub(r"[│\s]+", " ", res.output)  # the help box wraps the line
+        assert res.exit_code == 0 and " | ".join(registered) in flat, res.output
 
 
 def test_the_layout_in_docs_matches_the_tree():
-    import re
-
     doc = SRC.parent / "docs" / "architecture.md"
     if not doc.is_file():
         return

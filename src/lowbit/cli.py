@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from lowbit.cli_options import FinetuneMethodsHelp, MethodsHelp
 from lowbit.errors import LowbitError
 
 app = typer.Typer(help="lowbit: make language models small (quantize, spend a bit budget per layer, low-rank correct, fine-tune, prune, evaluate, compare, export).",
@@ -39,12 +40,12 @@ def clean_errors(fn):
     return wrapper
 
 
-@app.command()
+@app.command(cls=MethodsHelp)
 @clean_errors
 def quantize(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: Optional[str] = typer.Option(None, help="A post-training method listed by `lowbit methods` (default gptq, or the recipe's)."),
+    method: Optional[str] = typer.Option(None, help="{methods} (default gptq, or the recipe's; `lowbit methods` describes each)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits: 2-8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128; a layer whose input dim it does not divide gets a partial last group)."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (default asymmetric)."),
@@ -355,7 +356,7 @@ app.command("generate")(clean_errors(generate_cmd))
 
 from lowbit.qat.cli import finetune as finetune_cmd  # noqa: E402  (QAT: L4Q, LR-QAT, QLoRA-style)
 
-app.command("finetune")(clean_errors(finetune_cmd))
+app.command("finetune", cls=FinetuneMethodsHelp)(clean_errors(finetune_cmd))
 
 from lowbit.prune.cli import prune as prune_cmd  # noqa: E402  (UDFC pruning + quantization)
 

@@ -42,6 +42,27 @@ class GreedyListCommand(TyperCommand):
         return parser
 
 
+class MethodsHelp(TyperCommand):
+    """`--help` whose `--method` line lists the registered methods. The registry imports torch (seconds), so
+    it is read only when the help is shown: `{methods}` in the option's help becomes the names."""
+
+    registry = "lowbit.methods:method_names"
+
+    def format_help(self, ctx, formatter):
+        import importlib
+
+        module, fn = self.registry.split(":")
+        names = list(getattr(importlib.import_module(module), fn)())
+        for p in self.params:
+            if p.name == "method" and p.help and "{methods}" in p.help:
+                p.help = p.help.replace("{methods}", " | ".join(names))
+        return super().format_help(ctx, formatter)
+
+
+class FinetuneMethodsHelp(MethodsHelp):
+    registry = "lowbit.qat.config:method_names"
+
+
 def command_line(ctx) -> str:
     """`lowbit <command> <args as given>` of the running command."""
     raw = ctx.meta.get("lowbit.raw_args")

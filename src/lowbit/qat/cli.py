@@ -13,7 +13,7 @@ DATA_HELP = "Data directory (default: $LOWBIT_DATA, else ../shared/data when pre
 def finetune(
     model: str = typer.Argument(..., help="HF model directory (or hub id when online)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (native lowbit format)."),
-    method: str = typer.Option("l4q", help="A fine-tuning method listed by `lowbit methods` (onebit: use with --loss kd --kd-hidden 1)."),
+    method: str = typer.Option("l4q", help="{methods} (`lowbit methods` describes each; onebit: use with --loss kd --kd-hidden 1)."),
     bits: int = typer.Option(4, help="Weight bits: 2-8."),
     group_size: Optional[int] = typer.Option(None, help="Group size along the input dim; -1 per channel, 0 per tensor (default 128; loqt 64)."),
     rank: Optional[int] = typer.Option(None, help="LoRA / low-rank rank r (default 4; loqt 16)."),

@@ -126,6 +126,11 @@ class SpIELConfig(BaseModel):
 # paragraph its summary).
 CONFIGS = (L4QConfig, LRQATConfig, QLoRAConfig, LSQConfig, LoRAConfig, OneBitConfig, LoQTConfig, SpIELConfig)
 METHODS = tuple(c.model_fields["method"].default for c in CONFIGS)
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
 QATConfig = Annotated[Union[CONFIGS], Field(discriminator="method")]
 _ADAPTER: TypeAdapter = TypeAdapter(QATConfig)
 
