@@ -60,6 +60,9 @@ def prune_stage(model: nn.Module, cfg, calib: torch.Tensor | None) -> dict:
     from lowbit.models.adapters import get_adapter, layer_shape
     from lowbit.prune.hf import mlp_blocks, prune_hf
 
+    if cfg.method == "depth":
+        raise LowbitError("prune method depth removes whole layers, whose bits a recipe cannot count over the "
+                          "original model yet: run `lowbit prune --method depth`, then quantize its output")
     if cfg.method != "udfc":
         from lowbit.prune.structured_run import structured_prune
 

@@ -92,8 +92,8 @@ def structured_job(model_path: str, out: str | Path, method: str, ratio: float, 
     seqlen = calib_seqlen or min(512, getattr(model.config, "max_position_embeddings", 512) or 512)
     calib = datasets.calibration_windows(tokenizer, datasets.c4_split("calib", data), calib_samples, seqlen, seed)
     train = None
-    if method in ("pg", "search"):  # the masks are scored on C4 training documents, never the calibration set
-        n_train = max(8, 4 * pg_steps) if method == "pg" else 8
+    if method in ("pg", "search", "depth"):  # masks are scored on C4 training documents, not the calibration set
+        n_train = max(8, 4 * pg_steps) if method in ("pg", "depth") else 8
         train = datasets.calibration_windows(tokenizer, datasets.c4_split("train", data), n_train,
                                              min(128, seqlen), seed + 1)
     report = structured_prune(model, method, ratio, calib, train, pg_steps=pg_steps,
@@ -113,7 +113,7 @@ def structured_job(model_path: str, out: str | Path, method: str, ratio: float, 
 def prune(
     model: str = typer.Argument(..., help="HF decoder directory (LLaMA / Mistral / Qwen2) or hub id."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory."),
-    method: str = typer.Option("udfc", help="udfc (MLP channels, every layer the same width, data-free closed-form compensation) | activation | pg (policy-gradient masks) | search (evolutionary structure search): KV groups and MLP channels, least-squares refit, per-layer widths (load with lowbit)."),
+    method: str = typer.Option("udfc", help="udfc (MLP channels, every layer the same width, data-free closed-form compensation) | activation | pg (policy-gradient masks) | search (evolutionary structure search): KV groups and MLP channels, least-squares refit, per-layer widths (load with lowbit) | depth (whole layers by policy gradient; --ratio = share of layers removed)."),
     ratio: float = typer.Option(0.3, help="Fraction of MLP channels pruned in every layer (0 <= r < 1); activation / pg / search: of all KV groups and of all MLP channels."),
     pg_steps: int = typer.Option(100, help="pg: policy steps (2 sampled masks of 4 × 128 C4 tokens each)."),
     search_generations: int = typer.Option(8, help="search: generations."),

@@ -12,7 +12,8 @@ from lowbit.formats.quant_primitives import SUPPORTED_BITS
 
 class PruneConfig(BaseModel):
     """method: udfc (MLP channels, every layer the same width, compensation below) | activation | pg |
-    search (KV groups and MLP channels, per-layer widths, least-squares refit: `prune.structured_run`).
+    search (KV groups and MLP channels, per-layer widths, least-squares refit: `prune.structured_run`) |
+    depth (whole layers, policy gradient: `prune.depth`; ratio = share of layers removed).
     ratio: fraction of each prunable layer's channels removed (global: of all prunable channels; the
     structured methods: of all KV groups and of all MLP channels).
     bits: per-channel symmetric RTN width of every weight (None: no quantization).
@@ -22,7 +23,7 @@ class PruneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["udfc", "activation", "pg", "search"] = "udfc"
+    method: Literal["udfc", "activation", "pg", "search", "depth"] = "udfc"
     ratio: float = Field(0.3, ge=0.0, lt=1.0)
     bits: int | None = None
     compensation: Literal["none", "merge", "udfc"] = "udfc"

@@ -1,6 +1,7 @@
 """Structured pruning of an in-memory model, end to end: masks (activation scores, the policy-gradient
 masks or the structure search), the least-squares refit of o_proj / down_proj, then the structures cut out
-per layer. `lowbit prune --method activation|pg|search` and a recipe's `prune:` stage both run it."""
+per layer; or whole layers dropped by the policy-gradient depth search (`prune.depth`). `lowbit prune
+--method activation|pg|search|depth` and a recipe's `prune:` stage both run it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from lowbit.prune.criteria import check_ratio
 from lowbit.prune.policy import hard_mask
 from lowbit.prune.slicing import at_least_one, slice_model
 
-METHODS = ("activation", "pg", "search")
+METHODS = ("activation", "pg", "search", "depth")
 
 
 def structured_prune(model: nn.Module, method: str, ratio: float, calib: torch.Tensor, train: torch.Tensor | None,
@@ -35,6 +36,8 @@ def structured_prune(model: nn.Module, method: str, ratio: float, calib: torch.T
     keep = 1.0 - ratio
     t0 = time.perf_counter()
     S = st.find_structures(model)
+    if method == "depth":
+        return _depth(model, S, ratio, calib if train is None else train, pg_steps, seed, t0)
     moments = st.input_moments(model, S, calib)
     record: dict = {}
     if method == "activation":
@@ -58,3 +61,18 @@ def structured_prune(model: nn.Module, method: str, ratio: float, calib: torch.T
             "calibration_windows": list(calib.shape), "seconds": time.perf_counter() - t0,
             "refit": refit["layers"], "search": {k: v for k, v in record.items() if k != "history"},
             "history": record.get("history", [])}
+
+
+def _depth(model: nn.Module, S, ratio: float, windows: torch.Tensor, steps: int, seed: int, t0: float) -> dict:
+    from lowbit.prune.depth import drop_layers, pg_layer_mask
+    from lowbit.prune.slicing import KEY
+
+    before = sum(p.numel() for p in model.parameters())
+    mask, record = pg_layer_mask(model, S, windows, 1.0 - ratio, steps=steps, seed=seed)
+    kept = drop_layers(model, mask)
+    widths = {"kv_groups": [S.n_kv] * len(kept), "channels": [S.n_channels] * len(kept)}
+    setattr(model.config, KEY, widths)  # saved and loaded like any per-layer structure
+    return {"method": "depth", "ratio": ratio, "widths": widths, "kept_layers": kept,
+            "parameters": [before, sum(p.numel() for p in model.parameters())],
+            "calibration_windows": list(windows.shape), "seconds": time.perf_counter() - t0, "refit": [],
+            "search": {k: v for k, v in record.items() if k != "history"}, "history": record["history"]}
