@@ -15,7 +15,11 @@ MLP channels (1536 per layer), removed in the same share (1 − keep) of each ki
   and channel shares (mask mutation, crossover, a parameter budget equal to the uniform keep), fitness the
   cross-entropy on --search-windows C4 training windows, then the least-squares reformation;
 - udfc / activation+ls (mlp): MLP channels only (UDFC prunes channels only), UDFC data-free closed form
-  against the activation mask with the least-squares refit.
+  against the activation mask with the least-squares refit;
+- depth-bi / depth: whole layers (keep = share of the 30 layers kept): ShortGPT's one-shot Block
+  Influence (drop the layers that turn the hidden state least), and the policy-gradient depth search
+  (`lowbit.prune.depth`, started from it, --pg-steps steps). No refit.
+`--merge` keeps the rows of earlier runs for the methods not run now.
 Masked structures are zeroed at the inputs of o_proj / down_proj, the same function as slicing them out
 (tested); `params_removed` counts the weights a slice deletes, over the decoder blocks' linear weights.
 Evaluation: the shared protocol (`--profile`), KL to the unpruned model on the same windows.
@@ -51,6 +55,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["magnitude", "activation", "activation+ls", "pg+ls", "search+ls",
                                                      "udfc", "activation+ls-mlp"])
     ap.add_argument("--data", default=None)
+    ap.add_argument("--merge", action="store_true", help="keep earlier rows of the methods not run now")
     a = ap.parse_args()
 
     from lowbit import data as datasets
@@ -80,6 +85,11 @@ def main() -> None:
     total = sum(m.weight.numel() for _, attn, mlp in S0.blocks
                 for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     rows = []
+    if a.merge:
+        import json
+
+        old = RESULTS / a.profile / "structured_pruning.json"
+        rows = [r for r in (json.loads(old.read_text())["rows"] if old.is_file() else []) if r["method"] not in a.methods]
 
     def evaluate(model, g, c, label, structures, keep, extra):
         with st.masked(model, st.find_structures(model), g.float(), c.float()):
@@ -136,6 +146,20 @@ def main() -> None:
                          "channels_per_layer": rec["channels_per_layer"]}
                 model = copy.deepcopy(base)
                 st.compensate(st.find_structures(model), g, c, moments)
+            elif method in ("depth", "depth-bi"):
+                from lowbit.prune.depth import block_influence, expand, pg_layer_mask
+                from lowbit.prune.policy import hard_mask as top
+
+                structures = "layers"
+                if method == "depth-bi":
+                    lm = top(block_influence(base, S0, calib), keep)
+                else:
+                    lm, rec = pg_layer_mask(base, S0, pg_windows, keep, steps=a.pg_steps, batch_size=a.pg_batch,
+                                            lr=a.pg_lr)
+                    extra = {"pg_steps": a.pg_steps, "forward_passes": rec["forward_passes"],
+                             "changed_vs_start": rec["changed_vs_start"]}
+                extra["layers_dropped"] = torch.nonzero(~lm).flatten().tolist()
+                g, c = (m.bool() for m in expand(S0, lm))
             elif method == "udfc":
                 from lowbit.prune.config import PruneConfig
                 from lowbit.prune.hf import prune_hf
@@ -171,7 +195,9 @@ def note(a) -> str:
             f"{a.search_generations} generations, population {a.search_population}, 8 mutations + 4 crossovers "
             f"per generation, α 0.8, fitness on {a.search_windows}×{a.pg_seqlen} C4 training tokens (the paper: "
             "population 100, 50 generations). udfc: data-free closed-form "
-            "compensation into down_proj, MLP channels only, every layer the same width. 2 CPU cores.")
+            "compensation into down_proj, MLP channels only, every layer the same width. depth-bi / depth: whole "
+            "layers, keep = share of the layers kept (ShortGPT's Block Influence on the calibration windows; the "
+            "policy-gradient depth search with the pg+ls budget, started from it), no refit. 2 CPU cores.")
 
 
 if __name__ == "__main__":
