@@ -19,7 +19,7 @@ MLP channels (1536 per layer), removed in the same share (1 − keep) of each ki
 - depth-bi / depth: whole layers (keep = share of the 30 layers kept): ShortGPT's one-shot Block
   Influence (drop the layers that turn the hidden state least), and the policy-gradient depth search
   (`lowbit.prune.depth`, started from it, --pg-steps steps). No refit.
-`--merge` keeps the rows of earlier runs for the methods not run now.
+`--merge` keeps the rows of earlier runs except those (method, keep) run now.
 Masked structures are zeroed at the inputs of o_proj / down_proj, the same function as slicing them out
 (tested); `params_removed` counts the weights a slice deletes, over the decoder blocks' linear weights.
 Evaluation: the shared protocol (`--profile`), KL to the unpruned model on the same windows.
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["magnitude", "activation", "activation+ls", "pg+ls", "search+ls",
                                                      "udfc", "activation+ls-mlp"])
     ap.add_argument("--data", default=None)
-    ap.add_argument("--merge", action="store_true", help="keep earlier rows of the methods not run now")
+    ap.add_argument("--merge", action="store_true", help="keep earlier rows except the (method, keep) pairs run now")
     a = ap.parse_args()
 
     from lowbit import data as datasets
@@ -89,7 +89,8 @@ def main() -> None:
         import json
 
         old = RESULTS / a.profile / "structured_pruning.json"
-        rows = [r for r in (json.loads(old.read_text())["rows"] if old.is_file() else []) if r["method"] not in a.methods]
+        rows = [r for r in (json.loads(old.read_text())["rows"] if old.is_file() else [])
+                if not (r["method"] in a.methods and r["keep"] in a.keep)]
 
     def evaluate(model, g, c, label, structures, keep, extra):
         with st.masked(model, st.find_structures(model), g.float(), c.float()):
