@@ -4,6 +4,8 @@ model on the float and a quantized base: learning, exact merge and delta file, r
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -191,3 +193,33 @@ def test_data_parallel_keeps_one_index_set(tiny_model_dir, tmp_path, shakespeare
     l1 = [h["loss"] for h in json.loads((tmp_path / "one" / "lowbit.json").read_text())["history"]]
     l2 = [h["loss"] for h in json.loads((tmp_path / "two" / "lowbit.json").read_text())["history"]]
     assert l1 == pytest.approx(l2, rel=1e-5, abs=0)
+
+
+@pytest.mark.parametrize("method", ["spiel", "loqt"])
+def test_prune_then_finetune_a_sliced_model(tiny_model_dir, tmp_path, shakespeare_text, method):
+    """prune (per-layer widths) → fine-tune with SpIEL / LoQT: the trainer reads the sliced model, and the
+    output reloads with the widths and computes what was trained (its held-out loss is the reported one)."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.io.native import load_model
+    from lowbit.qat.config import parse_qat_config
+    from lowbit.qat.trainer import evaluate, train
+    from lowbit.qat.data import load_windows
+
+    pruned = tmp_path / "pruned"
+    res = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "-o", str(pruned), "--method", "activation",
+                                   "--ratio", "0.25", "--calib-samples", "8", "--calib-seqlen", "64"])
+    assert res.exit_code == 0, res.output
+    widths = json.loads((pruned / "prune_report.json").read_text())["widths"]
+    q = parse_qat_config({"method": "spiel", "density": 0.02, "reselect_every": 2, "accumulate_steps": 1}
+                         if method == "spiel" else {"method": "loqt", "bits": 4, "group_size": 16, "rank": 2,
+                                                    "update_gap": 2})
+    cfg = TrainConfig(steps=3, lr=1e-3, batch_size=2, seqlen=64, dataset="text", data_path=shakespeare_text,
+                      eval_windows=4, checkpoint_every=0, seed=0, loss="ce", eval_every=3)
+    s = train(str(pruned), tmp_path / "ft", q, cfg, progress=False)
+    model, tok = load_model(str(tmp_path / "ft"))
+    for i, layer in enumerate(model.model.layers):
+        assert layer.mlp.down_proj.in_features == widths["channels"][i]
+    _, ev = load_windows(tok, "text", 64, path=shakespeare_text, eval_windows=4)
+    assert evaluate(model, ev, "ce", None)["eval_nll"] == pytest.approx(s["eval_nll"], rel=1e-5)

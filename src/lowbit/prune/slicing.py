@@ -111,23 +111,28 @@ def resize(model: nn.Module, config, where: Path) -> None:
 
 def load_sliced(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A model saved after `slice_model` (config with `lowbit_structure`), weights loaded strictly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.io.read import read_json, read_safetensors
 
     p = Path(path)
     config = AutoConfig.from_pretrained(str(p))
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    v5 = int(transformers.__version__.split(".")[0]) >= 5  # `torch_dtype` is `dtype` from transformers 5
+    model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if v5 else {"torch_dtype": dtype}))
     resize(model, config, p / "config.json")
-    files = sorted(p.glob("*.safetensors"))
+    # the model's own weights only: model.safetensors or the shards its index names (a directory may hold
+    # other safetensors, e.g. SpIEL's sparse_delta.safetensors next to the merged model)
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({p / f for f in read_json(index, "", "the shard index is damaged").get("weight_map", {}).values()})
+    else:
+        files = [p / "model.safetensors"] if (p / "model.safetensors").is_file() else []
     if not files:
-        raise LowbitError(f"{p} has no safetensors weights")
+        raise LowbitError(f"{p} has no safetensors weights (model.safetensors or an index of shards)")
     state = {}
-    try:
-        for f in files:
-            state.update(load_file(str(f)))
-    except (SafetensorError, OSError) as e:
-        raise LowbitError(f"cannot read the weights of {p} ({e}); the file is damaged or partial") from None
+    for f in files:
+        state.update(read_safetensors(f, "the weights are damaged or partial: prune again"))
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state.get("model.embed_tokens.weight")
     try:
