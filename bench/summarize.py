@@ -354,8 +354,9 @@ def claims(profile: str) -> list[dict]:
                            f"trainable) vs {l_['train_added_mb']:.0f} MB (LoRA r4, {l_['trainable_params']:,}), "
                            f"{ratio[m]:.2f}×" for m, s_, l_ in pairs) + profile_note(mem_prof, profile),
                  ok, "SpIEL's added training memory at most 1.1× LoRA's on every probe model",
-                 "SpIEL's backward forms the dense gradient of one layer at a time (its candidates for regrowth are "
-                 "the largest |∇W| entries), a transient LoRA never needs; where activations dominate (the "
+                 "SpIEL's forward and backward form W + Δ and the dense gradient ∇W of one layer at a time (its "
+                 "regrowth candidates are the largest |∇W| entries), transients LoRA never needs; where activations "
+                 "dominate (the "
                  "reference model at 4×256 tokens) the two are equal, on the wide model at one 128-token window "
                  "that transient shows")
     sp_, sp_prof = pick_json(profile, "structured_pruning")
