@@ -362,3 +362,35 @@ def test_finetune_stage_shows_its_steps_in_a_log(claq_model, monkeypatch, capsys
                    progress=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if "finetune (codebook)" in line]
     assert lines and re.search(r"finetune \(codebook\) 2/2 \(loss \d", lines[-1]), lines
+
+
+def test_quantized_spiel_as_a_recipe_stage(tiny_model_dir, tmp_path):
+    """GPTQ, then SpIEL on the quantized weights in the same run: the loss falls, every layer keeps its grid
+    and codes and gains exactly k fp16 entries (values and positions counted), and the saved model is the
+    tuned one (its loss on the calibration windows is the reported one)."""
+    from lowbit.io.native import load_quantized
+    from lowbit.jobs import calibration_data, quantize_job
+    from lowbit.pipeline.calibrate import quantize_model
+    from lowbit.pipeline.stages import window_losses
+    from lowbit.recipe import make_recipe
+
+    quant = {"method": "gptq", "bits": 3, "group_size": 32}
+    ft = {"method": "spiel", "steps": 6, "lr": 2e-3, "density": 0.02, "reselect_every": 2, "accumulate_steps": 1}
+    r = make_recipe({"quant": quant, "calibration": CALIB, "finetune": ft})
+    s = quantize_job(str(tiny_model_dir), tmp_path / "q", r, progress=False)
+    model, qweights, info = load_quantized(tmp_path / "q")
+    rep = info["provenance"]["finetune"]
+    assert rep["loss_after"] < rep["loss_before"], rep
+    from lowbit.io.native import load_model
+
+    base, tok = load_model(str(tiny_model_dir))
+    plain = quantize_model(copy.deepcopy(base), r.quant, calibration_data(r, tok, base), progress=False).qweights
+    for name, q in qweights.items():
+        p = plain[name]
+        assert torch.equal(q.codes, p.codes) and torch.equal(q.grid.scale, p.grid.scale)
+        assert q.outliers is not None and q.outliers.values.numel() == round(0.02 * q.shape[0] * q.shape[1])
+        assert q.bits_per_weight() > p.bits_per_weight()  # the entries and their positions are counted
+    assert s["bits_per_weight"] == pytest.approx(bit_counts(qweights)["bits_per_weight"], rel=1e-12)
+    teacher = keep_teacher(base, FinetuneStageConfig(method="spiel"))
+    calib = calibration_data(r, tok, base)
+    assert window_losses(model, calib[:rep["loss_windows"]], "kd", teacher) == pytest.approx(rep["loss_after"], rel=1e-5)

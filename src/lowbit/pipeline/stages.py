@@ -33,12 +33,15 @@ from lowbit.progress import StepProgress
 
 
 class FinetuneStageConfig(BaseModel):
-    """Fine-tuning after quantization. lr: codebook entries / LQER factors (codebook), LoRA A, B (l4q);
-    lr_quant: L4Q's steps and offsets. rank, alpha: L4Q's adapter (scaled by alpha / rank)."""
+    """Fine-tuning after quantization. lr: codebook entries / LQER factors (codebook), LoRA A, B (l4q), the
+    sparse Δ (spiel); lr_quant: L4Q's steps and offsets. rank, alpha: L4Q's adapter (scaled by alpha / rank).
+    spiel (quantized SpIEL): a sparse Δ of `density` on the quantized weights, dropped and regrown every
+    `reselect_every` steps (`qat.spiel`), exported as the grid plus the merged entries as fp16 outliers
+    (values and positions counted in the bits)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["codebook", "l4q"]
+    method: Literal["codebook", "l4q", "spiel"]
     steps: int = Field(32, ge=0)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -49,6 +52,10 @@ class FinetuneStageConfig(BaseModel):
     report_windows: int = Field(32, ge=1)  # the loss before/after is reported on the first N calibration windows
     rank: int = Field(4, ge=1)
     alpha: float = Field(1.0, gt=0)
+    density: float = Field(0.01, gt=0, le=1)  # spiel
+    reselect_every: int = Field(20, ge=1)  # spiel
+    accumulate_steps: int = Field(5, ge=1)  # spiel
+    drop_fraction: float = Field(0.2, ge=0, le=1)  # spiel
 
 
 # ---------------------------------------------------------------------------------------------- prune
@@ -105,6 +112,14 @@ def check_finetune(cfg: FinetuneStageConfig, qweights: dict[str, QuantizedWeight
             raise LowbitError("finetune method 'codebook' tunes codebook grids (claq, squeezellm); "
                               "no quantized layer has one")
         return names
+    if cfg.method == "spiel":
+        for name, q in qweights.items():
+            if not isinstance(q.grid, (UniformGrid, CodebookGrid)):
+                raise LowbitError(f"{name}: SpIEL adds fp16 entries to a uniform or codebook grid, not {q.grid.kind}")
+            if q.outliers is not None or q.lowrank is not None or getattr(q, "in_scale", None) is not None:
+                raise LowbitError(f"{name}: SpIEL's entries are the layer's outliers; quantize without outliers, "
+                                  "low-rank factors or AWQ scales to fine-tune with it")
+        return list(qweights)
     for name, q in qweights.items():
         g = q.grid
         if not isinstance(g, UniformGrid):
@@ -164,11 +179,15 @@ def window_losses(model: nn.Module, windows: torch.Tensor, loss: str, teacher: n
 def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneStageConfig, windows: torch.Tensor,
                    progress: bool = False) -> dict:
     """Fine-tune the quantized `model` in place and return a report; its QuantLinears end running the
-    tuned weights (`quantized_weights(model)`), the stored bits of every layer unchanged. `progress`: a bar
-    of the training steps with the running loss (timestamped lines in a log file)."""
+    tuned weights (`quantized_weights(model)`), the stored bits of every layer unchanged (spiel adds its
+    entries as counted outliers). `progress`: a bar of the training steps with the running loss
+    (timestamped lines in a log file)."""
     from lowbit.qat.codebook_tuning import CodebookTuneLinear
     from lowbit.qat.data import batch_indices
+    from lowbit.qat.config import SpIELConfig
+    from lowbit.qat.distributed import World
     from lowbit.qat.loop import run_steps
+    from lowbit.qat.spiel import SpIELLinear, SpIELSchedule
     from lowbit.qat.trainer import window_loss
 
     if windows is None or windows.numel() == 0:
@@ -185,9 +204,19 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneSta
     layers: dict[str, nn.Module] = {}
     for i, name in enumerate(names):
         ql = model.get_submodule(name)
-        layers[name] = (CodebookTuneLinear(ql.qweight, ql.bias, cfg.tune_lowrank) if cfg.method == "codebook"
-                        else _l4q_layer(name, ql, cfg, i))
+        if cfg.method == "codebook":
+            layers[name] = CodebookTuneLinear(ql.qweight, ql.bias, cfg.tune_lowrank)
+        elif cfg.method == "spiel":
+            layers[name] = SpIELLinear(ql.qweight.dequantize().float(), ql.bias, density=cfg.density, base=ql.qweight,
+                                       generator=torch.Generator().manual_seed(cfg.seed * 100_003 + i))
+        else:
+            layers[name] = _l4q_layer(name, ql, cfg, i)
         replace_module(model, name, layers[name])
+    schedule = None
+    if cfg.method == "spiel":
+        schedule = SpIELSchedule(SpIELConfig(density=cfg.density, reselect_every=cfg.reselect_every,
+                                             accumulate_steps=cfg.accumulate_steps, drop_fraction=cfg.drop_fraction),
+                                 layers, World(), cfg.steps)
     main, quant = [], []
     for layer in layers.values():
         for pname, p in layer.named_parameters(recurse=False):
@@ -213,7 +242,8 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneSta
                 history.append(loss)
                 bar.update(loss=loss)
 
-            run_steps(opt, cfg.steps, backward=backward, lr_factor=lambda step: _lr(step, cfg.steps), after=after)
+            run_steps(opt, cfg.steps, backward=backward, lr_factor=lambda step: _lr(step, cfg.steps), after=after,
+                      schedule=schedule)
         with torch.no_grad():
             for name, layer in layers.items():
                 qw = layer.export() if cfg.method == "codebook" else layer.export(qweights[name].dtype)
