@@ -340,6 +340,19 @@ def claims(profile: str) -> list[dict]:
                  ok, "lower KL than QLoRA-style at LoRA r = 4's trainable count",
                  "a few dozen optimizer steps: the paper's setting is instruction tuning over thousands of steps, "
                  "where the regrown entries have time to matter")
+    sft, sft_prof = pick_json(profile, "sparse_ft")
+    if sft:
+        by = {x["method"]: x for x in sft["rows"]}
+        if "spiel" in by and "lora" in by:
+            sp, lo = by["spiel"], by["lora"]
+            line("SpIEL (Ansell et al. 2024), float model", "sparse fine-tuning with drop-and-grow adapts an LLM "
+                 "better than LoRA at the same number of trainable parameters",
+                 f"tiny-shakespeare, {sp['steps']} steps ({sp['tokens']:,} tokens): held-out loss {sp['initial_eval_nll']:.4f} "
+                 f"→ SpIEL {sp['eval_nll']:.4f} (ppl {sp['eval_ppl']:.1f}, {sp['trainable_params']:,} trainable) vs LoRA r4 "
+                 f"{lo['eval_nll']:.4f} (ppl {lo['eval_ppl']:.1f}, {lo['trainable_params']:,})"
+                 + profile_note(sft_prof, profile), sp["eval_nll"] < lo["eval_nll"],
+                 "lower held-out loss than LoRA at the same trainable count, steps and learning rate",
+                 "one short run at one learning rate for both")
     mem, mem_prof = pick_json(profile, "qat_memory")
     if mem:
         by = {(x["model"], x["method"]): x for x in mem["rows"]}
@@ -377,6 +390,17 @@ def claims(profile: str) -> list[dict]:
                                              f"{b['kl']:.3f} (ppl {b['ppl']:.0f})" for k, a, b in pairs)
                      + profile_note(sp_prof, profile), ok, "lower KL at every sparsity",
                      "budgets of a few hundred forward passes where the papers spend GPU-hours (see the table's note)")
+        pairs = [(k, by[("depth", k)], by[("depth-bi", k)]) for k in keeps if ("depth", k) in by and ("depth-bi", k) in by]
+        if pairs:
+            ok = all(a["kl"] <= b["kl"] for _, a, b in pairs)
+            line("Policy-gradient pruning (Gao et al. 2025), whole layers", "layers chosen by a policy trained with "
+                 "forward passes beat one-shot layer importance at the same depth",
+                 "; ".join(f"{round(30 * (1 - k))} of 30 layers dropped: KL {a['kl']:.3f} (ppl {a['ppl']:.0f}, layers "
+                           f"{a.get('layers_dropped')}) vs ShortGPT's Block Influence {b['kl']:.3f} (ppl {b['ppl']:.0f}, "
+                           f"layers {b.get('layers_dropped')})" for k, a, b in pairs) + profile_note(sp_prof, profile),
+                 ok, "KL no higher than Block Influence at every depth",
+                 "30 policy steps started from the Block Influence ranking; with one Bernoulli variable per layer "
+                 "the few sampled masks per step rarely contrast the layers that matter")
     u, u_prof = pick_json(profile, "udfc")
     if u and u.get("lm"):
         rows = u["lm"]["rows"]
@@ -518,6 +542,10 @@ def main() -> None:
                      + table(sp["rows"], [(k, k) for k in ("method", "structures", "keep", "params_removed", "ppl", "kl",
                                                             "top1_agreement", "pg_steps", "forward_passes", "seconds")])
                      + f"\n{sp['note']}\n")
+    sft, prof = pick_json(a.profile, "sparse_ft")
+    if sft:
+        parts.append(f"### SpIEL and LoRA adapting the float model{profile_note(prof, a.profile)}\n\n"
+                     + table(sft["rows"], [(k, k) for k in sft["rows"][0]]) + f"\n{sft['note']}\n")
     mem, prof = pick_json(a.profile, "qat_memory")
     if mem:
         parts.append(f"### Training memory{profile_note(prof, a.profile)}\n\n"
