@@ -3,9 +3,9 @@
     python bench/sparse_ft.py [--steps 30] [--lr 1e-3] [--methods lora spiel]
 
 The SpIEL paper's setting is fine-tuning an LLM on new text, so this bench adapts SmolLM2-135M-Instruct
-to tiny-shakespeare (shipped with lowbit): every method trains on the first 90 % of the text with next-token
+to tiny-shakespeare (shipped with lowbit): every method trains on the first 95 % of the text with next-token
 cross-entropy, the same steps, batch, learning rate, schedule and seed, and is scored on the held-out last
-10 % (mean next-token loss on 16 windows of 256 tokens, before and after). LoRA: rank 4 on every decoder
+5 % (mean next-token loss on 16 windows of 256 tokens, before and after). LoRA: rank 4 on every decoder
 linear, merged into float weights. SpIEL: a sparse Δ at the density whose trainable count equals LoRA r4's,
 reselected every steps/4 steps (gradients accumulated over 2 steps). Each run is its own `lowbit finetune`
 process with one torch thread; results go to bench/results/<profile>/sparse_ft.{md,json}.
@@ -76,13 +76,13 @@ def main() -> None:
         print(rows[-1], flush=True)
     note = (f"SmolLM2-135M-Instruct (float) adapted to tiny-shakespeare: {a.steps} steps of {a.batch_size}×{a.seqlen} "
             f"tokens, next-token cross-entropy, lr {a.lr} (the same for both, linear warm-up then cosine), seed 0; "
-            "eval_nll = mean next-token loss on 16 held-out windows of the text's last 10 % (initial_eval_nll: "
+            "eval_nll = mean next-token loss on 16 held-out windows of the text's last 5 % (initial_eval_nll: "
             f"before training). lora: rank {a.rank} on every decoder linear. spiel: float base, density "
             f"{density:.5f} (LoRA r{a.rank}'s trainable count), drop-and-grow every {max(2, a.steps // 4)} steps. "
             "One torch thread per run on a 2-core machine.")
     prov = provenance(ref, get_protocol(a.profile),
                       training={"steps": a.steps, "batch_size": a.batch_size, "seqlen": a.seqlen, "lr": a.lr,
-                                "loss": "ce", "data": "tinyshakespeare (90/10 split)"})
+                                "loss": "ce", "data": "tinyshakespeare (95/5 split)"})
     write_results(rows, RESULTS / a.profile, "sparse_ft", COLUMNS, note=note, provenance=prov)
     print(results_table(rows, COLUMNS)[0])
 
