@@ -72,8 +72,8 @@ def command_line(ctx) -> str:
 def assign(d: dict, assignments: list[str], on_switch: dict[tuple, Callable[[dict, object], dict]] | None = None) -> dict:
     """`--set KEY=VALUE` on a nested settings dict (changed in place and returned). KEY is a dotted path
     (`quant.kmeans.max_iter`); VALUE a YAML scalar or flow collection (`0.05`, `true`, `null`, `[1, 2]`).
-    `on_switch[path]` (a path ending in a discriminator such as `method`): applied first, it rebuilds the
-    enclosing group for the new value (a new method keeps only what applies to it)."""
+    `on_switch[path]` (a path of two or more parts ending in a discriminator such as `quant.method`): applied
+    first, it rebuilds the enclosing group for the new value (a new method keeps only what applies to it)."""
     on_switch = on_switch or {}
     parsed = []
     for a in assignments:
@@ -94,15 +94,10 @@ def assign(d: dict, assignments: list[str], on_switch: dict[tuple, Callable[[dic
             if not isinstance(node[part], dict):
                 raise LowbitError(f"--set {a!r}: {part} is not a group of settings")
             node = node[part]
-        if path in on_switch and node.get(path[-1]) != value:
+        if path in on_switch and node.get(path[-1]) != value:  # rebuild the enclosing group for the new value
             parent = d
             for part in path[:-2]:
                 parent = parent[part]
-            node = on_switch[path](node, value)
-            if len(path) > 1:
-                parent[path[-2]] = node
-            else:
-                d.clear()
-                d.update(node)
+            node = parent[path[-2]] = on_switch[path](node, value)
         node[path[-1]] = value
     return d

@@ -94,8 +94,7 @@ def apply_settings(recipe: Recipe, assignments: list[str]) -> Recipe:
     a method switch (`quant.method=...`) comes first and keeps what `methods.switch_method` keeps."""
     from lowbit.cli_options import assign
 
-    d = assign(recipe.model_dump(), assignments,
-               on_switch={("quant", "method"): lambda old, new: switch_method(old, new)})
+    d = assign(recipe.model_dump(), assignments, on_switch={("quant", "method"): switch_method})
     return make_recipe(d, source="--set settings")
 
 
