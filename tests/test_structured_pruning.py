@@ -288,8 +288,38 @@ def test_depth_pruning_from_the_command_line_saves_a_loadable_model(tiny_model_d
     keep[rep["kept_layers"]] = True
     with st.masked(base, S, *expand(S, keep)):  # the saved model computes the masked original
         torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    from lowbit.pipeline.stages import prune_stage
-    from lowbit.prune.config import PruneConfig
 
-    with pytest.raises(LowbitError, match="lowbit prune --method depth"):  # not yet a recipe stage: said so
-        prune_stage(base, PruneConfig(method="depth", ratio=0.5), ids)
+
+def test_depth_pruning_in_a_recipe_counts_the_deleted_layers(tiny_model_dir, tmp_path):
+    """prune one of two layers, quantize the rest: bits per weight over the ORIGINAL two layers' elements
+    (the deleted one stores nothing), per stored weight over the kept one; the output reloads and runs."""
+    import math
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.io.native import load_model, load_quantized
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"quant": {"method": "rtn", "bits": 4, "group_size": 16},
+                                      "calibration": {"n_samples": 8, "seqlen": 64},
+                                      "prune": {"method": "depth", "ratio": 0.5, "pg_steps": 2}}))
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, ["quantize", str(tiny_model_dir), "-o", str(out), "--recipe", str(recipe), "--quiet"])
+    assert res.exit_code == 0, res.output
+    model, qweights, info = load_quantized(out)
+    assert model.config.num_hidden_layers == 1 and all(n.startswith("model.layers.0.") for n in qweights)
+    base, _ = load_model(str(tiny_model_dir))
+    orig = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
+    bits = sum(sum(q.storage().values()) for q in qweights.values())
+    saved = json.loads((out / "lowbit.json").read_text())
+    s = saved["summary"]
+    assert s["bits_per_weight"] == pytest.approx(bits / orig, rel=1e-12)
+    assert s["bits_per_stored_weight"] == pytest.approx(bits / sum(math.prod(q.shape) for q in qweights.values()))
+    assert s["bits_per_weight"] == pytest.approx(s["bits_per_stored_weight"] / 2, rel=1e-9)  # two equal layers
+    removed = [n for n in saved["prune"]["original_shapes"] if n.startswith("removed/")]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(removed) == 7 and qc["bits_per_weight"] == s["bits_per_weight"]
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(input_ids=ids).logits).all()

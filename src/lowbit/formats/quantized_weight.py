@@ -430,14 +430,21 @@ def _moved(obj, device: torch.device):
     return obj
 
 
+REMOVED = "removed/"  # prefix of a deleted layer's name in `original_shapes`
+
+
 def bit_counts(qweights: dict[str, QuantizedWeight], original_shapes: dict | None = None) -> dict:
     """Every stored bit of a model's quantized layers over their ORIGINAL element count (`original_shapes`
-    name → [out, in] before structured pruning; a pruned channel stores nothing) and over the stored one."""
+    name → [out, in] before structured pruning; a pruned channel stores nothing; a linear of a deleted
+    layer is listed as `removed/<its original name>` and counts in the original total) and over the
+    stored one."""
     import math
 
+    shapes = original_shapes or {}
     bits = sum(sum(q.storage().values()) for q in qweights.values())
     stored = sum(q.shape[0] * q.shape[1] for q in qweights.values())
-    orig = sum(math.prod((original_shapes or {}).get(n, q.shape)) for n, q in qweights.items())
+    orig = (sum(math.prod(shapes.get(n, q.shape)) for n, q in qweights.items())
+            + sum(math.prod(s) for n, s in shapes.items() if n.startswith(REMOVED)))
     return {"bits_per_weight": bits / orig if orig else 0.0,
             "bits_per_stored_weight": bits / stored if stored else 0.0,
             "stored_bits": bits, "original_params": orig, "stored_params": stored}

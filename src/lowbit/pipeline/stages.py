@@ -27,7 +27,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.codebook import CodebookGrid
-from lowbit.formats.quantized_weight import QuantizedWeight, UniformGrid
+from lowbit.formats.quantized_weight import REMOVED, QuantizedWeight, UniformGrid
 from lowbit.nn.quant_linear import QuantLinear, quantized_weights, replace_module
 from lowbit.progress import StepProgress
 
@@ -67,9 +67,6 @@ def prune_stage(model: nn.Module, cfg, calib: torch.Tensor | None) -> dict:
     from lowbit.models.adapters import get_adapter, layer_shape
     from lowbit.prune.hf import mlp_blocks, prune_hf
 
-    if cfg.method == "depth":
-        raise LowbitError("prune method depth removes whole layers, whose bits a recipe cannot count over the "
-                          "original model yet: run `lowbit prune --method depth`, then quantize its output")
     if cfg.method != "udfc":
         from lowbit.prune.structured_run import structured_prune
 
@@ -82,6 +79,14 @@ def prune_stage(model: nn.Module, cfg, calib: torch.Tensor | None) -> dict:
         report = structured_prune(model, cfg.method, cfg.ratio, calib, train, pg_steps=cfg.pg_steps,
                                   search_generations=cfg.search_generations,
                                   search_population=cfg.search_population, seed=cfg.seed)
+        if cfg.method == "depth":  # the kept layers keep their shapes; a deleted one stores nothing
+            prefix = adapter.blocks_prefix(model)
+            kept = {str(old): new for new, old in enumerate(report["kept_layers"])}
+            report["original_shapes"] = {}
+            for n, s in shapes.items():
+                i, rest = n[len(prefix) + 1:].split(".", 1)
+                report["original_shapes"][f"{prefix}.{kept[i]}.{rest}" if i in kept else REMOVED + n] = s
+            return report
         report["original_shapes"] = {n: s for n, s in shapes.items()
                                      if list(layer_shape(model.get_submodule(n))) != s}
         return report
