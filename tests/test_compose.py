@@ -394,3 +394,34 @@ def test_quantized_spiel_as_a_recipe_stage(tiny_model_dir, tmp_path):
     teacher = keep_teacher(base, FinetuneStageConfig(method="spiel"))
     calib = calibration_data(r, tok, base)
     assert window_losses(model, calib[:rep["loss_windows"]], "kd", teacher) == pytest.approx(rep["loss_after"], rel=1e-5)
+
+
+def test_loqt_stage_from_the_gptq_grid(tiny_model_dir):
+    """LoQT as a finetune stage: step 0 gives back the GPTQ codes exactly (its merges round onto the base's
+    grid); after training the export is a plain grid of the same bits whose model is the one evaluated."""
+    from lowbit.io.native import load_model
+    from lowbit.jobs import calibration_data
+    from lowbit.pipeline.calibrate import quantize_model
+    from lowbit.pipeline.stages import window_losses
+    from lowbit.recipe import make_recipe
+
+    model, tok = load_model(str(tiny_model_dir))
+    recipe = make_recipe({"quant": {"method": "gptq", "bits": 3, "group_size": 32}, "calibration": CALIB})
+    calib = calibration_data(recipe, tok, model)
+    teacher = keep_teacher(model, FinetuneStageConfig(method="loqt"))
+    qweights = quantize_model(model, recipe.quant, calib, progress=False).qweights
+    m0 = copy.deepcopy(model)
+    finetune_stage(m0, teacher, FinetuneStageConfig(method="loqt", steps=0), calib)
+    for n, q in quantized_weights(m0).items():
+        assert torch.equal(q.codes, qweights[n].codes) and torch.equal(q.grid.scale, qweights[n].grid.scale)
+    cfg = FinetuneStageConfig(method="loqt", steps=6, lr=5e-2, update_gap=2, rank=2, alpha=4.0)
+    rep = finetune_stage(model, teacher, cfg, calib)
+    new = quantized_weights(model)
+    moved = 0
+    for n, q in new.items():
+        assert isinstance(q.grid, UniformGrid) and q.lowrank is None and q.outliers is None
+        assert q.storage() == qweights[n].storage() and torch.equal(q.grid.scale, qweights[n].grid.scale)
+        moved += int(not torch.equal(q.codes, qweights[n].codes))
+    assert moved > 0  # merges moved codes across grid steps
+    assert window_losses(model, calib[:rep["loss_windows"]], "kd", teacher) == rep["loss_after"]
+    assert bit_counts(new) == bit_counts(qweights)

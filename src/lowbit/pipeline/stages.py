@@ -37,11 +37,13 @@ class FinetuneStageConfig(BaseModel):
     sparse Δ (spiel); lr_quant: L4Q's steps and offsets. rank, alpha: L4Q's adapter (scaled by alpha / rank).
     spiel (quantized SpIEL): a sparse Δ of `density` on the quantized weights, dropped and regrown every
     `reselect_every` steps (`qat.spiel`), exported as the grid plus the merged entries as fp16 outliers
-    (values and positions counted in the bits)."""
+    (values and positions counted in the bits). loqt: LoQT from the base grid (`qat.loqt`): B of `rank`
+    beside deq(Q), scaled by `alpha` as is, merged and re-quantized onto the base grid at steps 0,
+    `update_gap`, … (growth `gap_growth`); exported as the same plain grid."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["codebook", "l4q", "spiel"]
+    method: Literal["codebook", "l4q", "spiel", "loqt"]
     steps: int = Field(32, ge=0)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -56,6 +58,9 @@ class FinetuneStageConfig(BaseModel):
     reselect_every: int = Field(20, ge=1)  # spiel
     accumulate_steps: int = Field(5, ge=1)  # spiel
     drop_fraction: float = Field(0.2, ge=0, le=1)  # spiel
+    update_gap: int = Field(10, ge=1)  # loqt: τ (a stage runs tens of steps, not the paper's thousands)
+    gap_growth: float = Field(1.2, ge=1.0)  # loqt: ψ
+    compensation_iters: int = Field(5, ge=0)  # loqt
 
 
 # ---------------------------------------------------------------------------------------------- prune
@@ -128,18 +133,18 @@ def check_finetune(cfg: FinetuneStageConfig, qweights: dict[str, QuantizedWeight
     for name, q in qweights.items():
         g = q.grid
         if not isinstance(g, UniformGrid):
-            raise LowbitError(f"{name}: finetune method 'l4q' trains a uniform integer grid; a {g.kind} grid "
+            raise LowbitError(f"{name}: finetune method '{cfg.method}' trains a uniform integer grid; a {g.kind} grid "
                               "cannot be expressed (use method 'codebook' for codebook grids)")
         if q.outliers is not None or q.lowrank is not None:
-            raise LowbitError(f"{name}: L4Q exports a plain uniform grid and would drop the layer's "
+            raise LowbitError(f"{name}: {cfg.method} exports a plain uniform grid and would drop the layer's "
                               f"{'outliers' if q.outliers is not None else 'low-rank factors'}; "
                               "quantize without them or fine-tune without L4Q")
         if g.zero.is_floating_point() or getattr(q, "in_scale", None) is not None:
-            raise LowbitError(f"{name}: L4Q trains integer zero points on the plain weight; the base's "
+            raise LowbitError(f"{name}: {cfg.method} rounds onto integer zero points on the plain weight; the base's "
                               f"{'float zeros (hqq)' if g.zero.is_floating_point() else 'input scales (awq)'} "
                               "cannot be kept")
         if g.g_idx is not None:
-            raise LowbitError(f"{name}: L4Q cannot keep GPTQ's g_idx (act-order with dynamic groups); "
+            raise LowbitError(f"{name}: {cfg.method} cannot keep GPTQ's g_idx (act-order with dynamic groups); "
                               "use static_groups: true")
     return list(qweights)
 
@@ -160,6 +165,20 @@ def _l4q_layer(name: str, ql: QuantLinear, cfg: FinetuneStageConfig, index: int)
     qcfg = L4QConfig(bits=g.bits, group_size=g.group_size, rank=cfg.rank, alpha=cfg.alpha, init_from="gptq",
                      learn_offset=not g.symmetric)
     return make_layer(name, lin, qcfg, index, cfg.seed, q)
+
+
+def _loqt_layer(ql: QuantLinear, cfg: FinetuneStageConfig):
+    """LoQT holding the base's grid and codes: its merges round onto that grid, so step 0 (B = 0, the
+    merge of deq Q) gives back the base's codes exactly and the export stores what the base stores."""
+    from lowbit.qat.loqt import LoQTLinear
+
+    q = ql.qweight
+    g = q.grid
+    layer = LoQTLinear(q.dequantize().float(), ql.bias, bits=g.bits, group_size=g.group_size, rank=cfg.rank,
+                       scale=cfg.alpha, compensation_iters=cfg.compensation_iters, symmetric=g.symmetric)
+    grid = UniformGrid(g.bits, g.group_size, g.symmetric, g.scale.clone(), g.zero.clone())
+    layer._set_q(QuantizedWeight(q.shape, torch.float32, grid, q.codes.clone()))
+    return layer
 
 
 def _lr(step: int, steps: int) -> float:
@@ -192,6 +211,7 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneSta
     from lowbit.qat.config import SpIELConfig
     from lowbit.qat.distributed import World
     from lowbit.qat.loop import run_steps
+    from lowbit.qat.loqt import LoQTSchedule
     from lowbit.qat.spiel import SpIELLinear, SpIELSchedule
     from lowbit.qat.trainer import window_loss
 
@@ -211,6 +231,8 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneSta
         ql = model.get_submodule(name)
         if cfg.method == "codebook":
             layers[name] = CodebookTuneLinear(ql.qweight, ql.bias, cfg.tune_lowrank)
+        elif cfg.method == "loqt":
+            layers[name] = _loqt_layer(ql, cfg)
         elif cfg.method == "spiel":
             layers[name] = SpIELLinear(ql.qweight.dequantize().float(), ql.bias, density=cfg.density, base=ql.qweight,
                                        generator=torch.Generator().manual_seed(cfg.seed * 100_003 + i))
@@ -218,6 +240,8 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneSta
             layers[name] = _l4q_layer(name, ql, cfg, i)
         replace_module(model, name, layers[name])
     schedule = None
+    if cfg.method == "loqt":
+        schedule = LoQTSchedule(cfg, layers, World(), cfg.steps)
     if cfg.method == "spiel":
         schedule = SpIELSchedule(SpIELConfig(density=cfg.density, reselect_every=cfg.reselect_every,
                                              accumulate_steps=cfg.accumulate_steps, drop_fraction=cfg.drop_fraction),
