@@ -21,7 +21,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.prune import policy
-from lowbit.prune.structured import Structures, masked
+from lowbit.prune.structured import Structures, masked, run_windows
 
 
 def expand(S: Structures, layer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +34,6 @@ def expand(S: Structures, layer_mask: torch.Tensor) -> tuple[torch.Tensor, torch
 def block_influence(model: nn.Module, S: Structures, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
     """[L] ShortGPT's Block Influence, 1 − mean over tokens of cos(block input, block output), float64."""
     total = torch.zeros(len(S.blocks), dtype=torch.float64)
-    count = [0]
     hooks = []
     for i, (name, _, _) in enumerate(S.blocks):
         def hook(mod, args, kwargs, out, i=i):
@@ -43,16 +42,7 @@ def block_influence(model: nn.Module, S: Structures, windows: torch.Tensor, batc
             cos = F.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
             total[i] += float((1 - cos).sum())
         hooks.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
-    dev = next(model.parameters()).device
-    try:
-        for s in range(0, windows.shape[0], batch):
-            ids = windows[s:s + batch]
-            model(input_ids=ids.to(dev), use_cache=False)
-            count[0] += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    return total / max(1, count[0])
+    return total / max(1, run_windows(model, windows, hooks, batch))
 
 
 def pg_layer_mask(model: nn.Module, S: Structures, windows: torch.Tensor, keep: float, *, steps: int,

@@ -103,11 +103,26 @@ def masked(model: nn.Module, S: Structures, group_mask: torch.Tensor, channel_ma
 
 
 @torch.no_grad()
+def run_windows(model: nn.Module, windows: torch.Tensor, hooks: list, batch: int = 4) -> int:
+    """Forward `windows` in batches (no cache) with `hooks` registered, then remove them; the token count."""
+    dev = next(model.parameters()).device
+    count = 0
+    try:
+        for s in range(0, windows.shape[0], batch):
+            ids = windows[s:s + batch]
+            model(input_ids=ids.to(dev), use_cache=False)
+            count += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return count
+
+
+@torch.no_grad()
 def input_moments(model: nn.Module, S: Structures, windows: torch.Tensor, batch: int = 4):
     """Per layer E[x xᵀ] of o_proj's and down_proj's inputs on `windows` (float64), the unpruned model."""
     acc_o = [torch.zeros(S.n_heads * S.head_dim, S.n_heads * S.head_dim, dtype=torch.float64) for _ in S.blocks]
     acc_d = [torch.zeros(S.n_channels, S.n_channels, dtype=torch.float64) for _ in S.blocks]
-    count = [0]
 
     def add(acc):
         def hook(mod, args):
@@ -117,16 +132,7 @@ def input_moments(model: nn.Module, S: Structures, windows: torch.Tensor, batch:
 
     hooks = [h for (_, attn, mlp), ao, ad in zip(S.blocks, acc_o, acc_d)
              for h in (attn.o_proj.register_forward_pre_hook(add(ao)), mlp.down_proj.register_forward_pre_hook(add(ad)))]
-    dev = next(model.parameters()).device
-    try:
-        for s in range(0, windows.shape[0], batch):
-            ids = windows[s:s + batch]
-            model(input_ids=ids.to(dev), use_cache=False)
-            count[0] += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    n = max(1, count[0])
+    n = max(1, run_windows(model, windows, hooks, batch))
     return [a / n for a in acc_o], [a / n for a in acc_d]
 
 
