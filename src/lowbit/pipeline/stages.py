@@ -267,11 +267,11 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneSta
 
     try:
         with StepProgress(f"finetune ({cfg.method})", cfg.steps, progress, loss=float("nan")) as bar:
-            def after(step: int, loss: float, f: float) -> None:
+            def record(step: int, loss: float, f: float) -> None:
                 history.append(loss)
                 bar.update(loss=loss)
 
-            run_steps(opt, cfg.steps, backward=backward, lr_factor=lambda step: _lr(step, cfg.steps), after=after,
+            run_steps(opt, cfg.steps, backward=backward, lr_factor=lambda step: _lr(step, cfg.steps), after=record,
                       schedule=schedule)
         with torch.no_grad():
             for name, layer in layers.items():
