@@ -308,7 +308,7 @@ def test_depth_pruning_in_a_recipe_counts_the_deleted_layers(tiny_model_dir, tmp
     out = tmp_path / "q"
     res = CliRunner().invoke(app, ["quantize", str(tiny_model_dir), "-o", str(out), "--recipe", str(recipe), "--quiet"])
     assert res.exit_code == 0, res.output
-    model, qweights, info = load_quantized(out)
+    model, qweights, _ = load_quantized(out)
     assert model.config.num_hidden_layers == 1 and all(n.startswith("model.layers.0.") for n in qweights)
     base, _ = load_model(str(tiny_model_dir))
     orig = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")

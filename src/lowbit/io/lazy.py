@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io.read import open_safetensors, read_json
+from lowbit.io.read import DAMAGED_WEIGHTS, dtype_kwargs, open_safetensors, shard_map, weight_files
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -34,16 +34,8 @@ class TensorSource:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        index, single = self.path / "model.safetensors.index.json", self.path / "model.safetensors"
-        if index.is_file():
-            weight_map = read_json(index, "", "the shard index is damaged: copy or download the model again")
-            if not isinstance(weight_map.get("weight_map"), dict):
-                raise LowbitError(f"{index} has no weight_map; the shard index is damaged")
-            weight_map = weight_map["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif single.is_file():
-            files, weight_map = ["model.safetensors"], None
-        else:
+        weight_map, files = shard_map(self.path), weight_files(self.path)
+        if not files:
             raise LowbitError(f"{self.path} has no safetensors weights (model.safetensors or an index of "
                               "shards); layer-by-layer loading reads safetensors only")
         self._names = files
@@ -78,8 +70,7 @@ class TensorSource:
                 self.expert_leaf["down_proj"] = src[0].split("*.")[-1]
 
     def _open(self, f: str):
-        return open_safetensors(self.path / f, "the model's weights are damaged or partially copied: copy or "
-                                "download them again")
+        return open_safetensors(self.path / f, DAMAGED_WEIGHTS)
 
     def close(self) -> None:
         """Unmap the files. The pages of a memory-mapped file that were read count in the process's
@@ -145,14 +136,13 @@ def skeleton(path: str | Path, source: TensorSource, *, trust_remote_code: bool 
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.io.native import _dtype_kw
     from lowbit.models.adapters import find_blocks
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                     **_dtype_kw(source.dtype()))
+                                                     **dtype_kwargs(source.dtype()))
     except (ValueError, KeyError, OSError) as e:
         raise LowbitError(f"cannot build the model from {Path(path) / 'config.json'}: {e}") from e
     blocks = find_blocks(model)

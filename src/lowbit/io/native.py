@@ -26,7 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.fingerprint import file_sha256
 from lowbit.formats.quantized_weight import QuantizedWeight, bit_counts
 from lowbit.io.atomic import atomic_dir
-from lowbit.io.read import check_safetensors_dir, read_json, read_safetensors
+from lowbit.io.read import check_safetensors_dir, dtype_kwargs, read_json, read_safetensors
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, INFO = "config.json", "model.safetensors", "lowbit.json"
@@ -198,16 +198,7 @@ def _verify(path: Path, info: dict) -> None:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not (path / WEIGHTS).is_file():
-        raise LowbitError(f"{path / WEIGHTS} not found; the output is incomplete")
-    return read_safetensors(path / WEIGHTS, "the output is damaged: quantize again")
-
-
-def _dtype_kw(dtype: torch.dtype) -> dict:
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}  # renamed in transformers 5
+    return read_safetensors(path / WEIGHTS, "the output is incomplete or damaged: quantize again")
 
 
 def _build_model(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None,
@@ -221,7 +212,7 @@ def _build_model(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         if hasattr(config, "quantization_config"):  # ours, not an HF quantizer's: keep it out of HF's way
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **_dtype_kw(dtype))
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **dtype_kwargs(dtype))
     except (ValueError, KeyError, OSError) as e:
         raise LowbitError(f"cannot build the model from {path / CONFIG}: {e}") from e
     from lowbit.prune.slicing import KEY, resize
@@ -402,7 +393,7 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
         raise LowbitError(f"model path {p} does not exist (and is not a hub id of the form org/name)")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kw,
-                                                     **_dtype_kw(dtype))
+                                                     **dtype_kwargs(dtype))
     except OSError as e:
         if p.exists():
             raise LowbitError(f"cannot load model {source}: {str(e).splitlines()[0]}") from e

@@ -64,9 +64,39 @@ def read_safetensors(path: Path | str, fix: str = "the file is corrupt or trunca
         raise _damaged(path, e, fix) from None
 
 
+DAMAGED_WEIGHTS = "the model's weights are damaged or partially copied: copy or download them again"
+
+
+def shard_map(path: Path | str) -> dict[str, str] | None:
+    """Tensor name → shard file of a sharded checkpoint (`model.safetensors.index.json`), or None."""
+    index = Path(path) / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    weight_map = read_json(index, "", "the shard index is damaged: copy or download the model again").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise LowbitError(f"{index} has no weight_map; the shard index is damaged")
+    return weight_map
+
+
+def weight_files(path: Path | str) -> list[str]:
+    """The model's own safetensors files in a directory, relative names: the shards of its index, else
+    `model.safetensors`, else none (other safetensors in the directory, e.g. SpIEL's
+    `sparse_delta.safetensors` beside a merged model, are not weights)."""
+    shards = shard_map(path)
+    if shards is not None:
+        return sorted(set(shards.values()))
+    return ["model.safetensors"] if (Path(path) / "model.safetensors").is_file() else []
+
+
 def check_safetensors_dir(path: Path | str) -> None:
-    """Open every safetensors file of a model directory once (header and length only) before a loader
-    that would fail deep inside with a foreign traceback reads it."""
-    path = Path(path)
-    for f in sorted(path.glob("*.safetensors")):
-        open_safetensors(f, "the model's weights are damaged or partially copied: copy or download them again")
+    """Open the model's weight files once (header and length only) before a loader that would fail deep
+    inside with a foreign traceback reads them."""
+    for f in weight_files(path):
+        open_safetensors(Path(path) / f, DAMAGED_WEIGHTS)
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The keyword transformers' `from_pretrained` / `from_config` take a dtype by (renamed in version 5)."""
+    import transformers
+
+    return {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}

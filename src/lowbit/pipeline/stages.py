@@ -22,7 +22,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from lowbit.errors import LowbitError
@@ -30,9 +30,10 @@ from lowbit.formats.codebook import CodebookGrid
 from lowbit.formats.quantized_weight import REMOVED, QuantizedWeight, UniformGrid
 from lowbit.nn.quant_linear import QuantLinear, quantized_weights, replace_module
 from lowbit.progress import StepProgress
+from lowbit.qat.config import LoQTScheduleConfig, SpIELScheduleConfig
 
 
-class FinetuneStageConfig(BaseModel):
+class FinetuneStageConfig(SpIELScheduleConfig, LoQTScheduleConfig):
     """Fine-tuning after quantization. lr: codebook entries / LQER factors (codebook), LoRA A, B (l4q), the
     sparse Δ (spiel); lr_quant: L4Q's steps and offsets. rank, alpha: L4Q's adapter (scaled by alpha / rank).
     spiel (quantized SpIEL): a sparse Δ of `density` on the quantized weights, dropped and regrown every
@@ -54,13 +55,9 @@ class FinetuneStageConfig(BaseModel):
     report_windows: int = Field(32, ge=1)  # the loss before/after is reported on the first N calibration windows
     rank: int = Field(4, ge=1)
     alpha: float = Field(1.0, gt=0)
-    density: float = Field(0.01, gt=0, le=1)  # spiel
-    reselect_every: int = Field(20, ge=1)  # spiel
-    accumulate_steps: int = Field(5, ge=1)  # spiel
-    drop_fraction: float = Field(0.2, ge=0, le=1)  # spiel
-    update_gap: int = Field(10, ge=1)  # loqt: τ (a stage runs tens of steps, not the paper's thousands)
-    gap_growth: float = Field(1.2, ge=1.0)  # loqt: ψ
-    compensation_iters: int = Field(5, ge=0)  # loqt
+    # spiel: density, reselect_every, accumulate_steps, drop_fraction (SpIELScheduleConfig); loqt: gap_growth,
+    # compensation_iters (LoQTScheduleConfig) and update_gap, shorter here: a stage runs tens of steps
+    update_gap: int = Field(10, ge=1)
 
 
 # ---------------------------------------------------------------------------------------------- prune
@@ -176,8 +173,7 @@ def _loqt_layer(ql: QuantLinear, cfg: FinetuneStageConfig):
     g = q.grid
     layer = LoQTLinear(q.dequantize().float(), ql.bias, bits=g.bits, group_size=g.group_size, rank=cfg.rank,
                        scale=cfg.alpha, compensation_iters=cfg.compensation_iters, symmetric=g.symmetric)
-    grid = UniformGrid(g.bits, g.group_size, g.symmetric, g.scale.clone(), g.zero.clone())
-    layer._set_q(QuantizedWeight(q.shape, torch.float32, grid, q.codes.clone()))
+    layer.hold(q)
     return layer
 
 
@@ -208,7 +204,6 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneSta
     (timestamped lines in a log file)."""
     from lowbit.qat.codebook_tuning import CodebookTuneLinear
     from lowbit.qat.data import batch_indices
-    from lowbit.qat.config import SpIELConfig
     from lowbit.qat.distributed import World
     from lowbit.qat.loop import run_steps
     from lowbit.qat.loqt import LoQTSchedule
@@ -243,9 +238,7 @@ def finetune_stage(model: nn.Module, teacher: nn.Module | None, cfg: FinetuneSta
     if cfg.method == "loqt":
         schedule = LoQTSchedule(cfg, layers, World(), cfg.steps)
     if cfg.method == "spiel":
-        schedule = SpIELSchedule(SpIELConfig(density=cfg.density, reselect_every=cfg.reselect_every,
-                                             accumulate_steps=cfg.accumulate_steps, drop_fraction=cfg.drop_fraction),
-                                 layers, World(), cfg.steps)
+        schedule = SpIELSchedule(cfg, layers, World(), cfg.steps)
     main, quant = [], []
     for layer in layers.values():
         for pname, p in layer.named_parameters(recurse=False):

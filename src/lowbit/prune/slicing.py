@@ -111,28 +111,20 @@ def resize(model: nn.Module, config, where: Path) -> None:
 
 def load_sliced(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A model saved after `slice_model` (config with `lowbit_structure`), weights loaded strictly."""
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.io.read import read_json, read_safetensors
+    from lowbit.io.read import dtype_kwargs, read_safetensors, weight_files
 
     p = Path(path)
     config = AutoConfig.from_pretrained(str(p))
-    v5 = int(transformers.__version__.split(".")[0]) >= 5  # `torch_dtype` is `dtype` from transformers 5
-    model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if v5 else {"torch_dtype": dtype}))
+    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
     resize(model, config, p / "config.json")
-    # the model's own weights only: model.safetensors or the shards its index names (a directory may hold
-    # other safetensors, e.g. SpIEL's sparse_delta.safetensors next to the merged model)
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({p / f for f in read_json(index, "", "the shard index is damaged").get("weight_map", {}).values()})
-    else:
-        files = [p / "model.safetensors"] if (p / "model.safetensors").is_file() else []
+    files = weight_files(p)  # the model's own weights, not a SpIEL delta file beside them
     if not files:
         raise LowbitError(f"{p} has no safetensors weights (model.safetensors or an index of shards)")
     state = {}
     for f in files:
-        state.update(read_safetensors(f, "the weights are damaged or partial: prune again"))
+        state.update(read_safetensors(p / f, "the weights are damaged or partial: prune again"))
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state.get("model.embed_tokens.weight")
     try:

@@ -24,7 +24,7 @@ def structured_prune(model: nn.Module, method: str, ratio: float, calib: torch.T
                      seed: int = 0) -> dict:
     """Remove `ratio` of all KV groups and of all MLP channels from `model` in place. `calib`: windows for
     the input moments (scores and refit); `train`: the batches the policy or the search evaluates masks on
-    (pg, search). Returns the report: widths, parameters before / after, refit errors, the search record."""
+    (pg, search, depth; depth falls back to `calib`). Returns the report: widths, parameters before / after, refit errors, the search record."""
     if method not in METHODS:
         raise LowbitError(f"unknown structured pruning method {method!r}: {' | '.join(METHODS)}")
     check_ratio(ratio)

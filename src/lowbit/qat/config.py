@@ -85,7 +85,26 @@ class OneBitConfig(BaseModel):
     latent_init: float = Field(0.01, gt=0)  # latent weight = latent_init·sign(W) (the authors' 0.01)
 
 
-class LoQTConfig(BaseModel):
+class LoQTScheduleConfig(BaseModel):
+    """LoQT's merges (`qat.loqt.LoQTSchedule`), shared by `lowbit finetune --method loqt` and the recipe's
+    loqt stage."""
+
+    update_gap: int = Field(100, ge=1)  # τ: the first gap; later ones τ + ⌊ψ^k⌋
+    gap_growth: float = Field(1.2, ge=1.0)  # ψ
+    compensation_iters: int = Field(5, ge=0)  # C of the (Q, B) alternation; 0: Q = q(W), B = 0
+
+
+class SpIELScheduleConfig(BaseModel):
+    """SpIEL's index set (`qat.spiel.SpIELSchedule`), shared by `lowbit finetune --method spiel` and the
+    recipe's spiel stage."""
+
+    density: float = Field(0.01, gt=0, le=1)  # k / numel per layer (the paper's 1 %)
+    reselect_every: int = Field(20, ge=1)  # R
+    accumulate_steps: int = Field(5, ge=1)  # S: gradient accumulation window before a reselection
+    drop_fraction: float = Field(0.2, ge=0, le=1)  # p₀, decayed linearly to 0 over training
+
+
+class LoQTConfig(LoQTScheduleConfig):
     """LoQT: W_q + s·B·P trained (B only, P from the gradient's SVD), merged and re-quantized at growing gaps."""
 
     model_config = ConfigDict(extra="forbid")
@@ -96,29 +115,22 @@ class LoQTConfig(BaseModel):
     symmetric: bool = False
     rank: int = Field(16, ge=1)
     scale: float = Field(1.0, gt=0)  # s multiplies B·P as is (the authors' lora_alpha, not alpha/rank)
-    update_gap: int = Field(100, ge=1)  # τ: the first gap; later ones τ + ⌊ψ^k⌋
-    gap_growth: float = Field(1.2, ge=1.0)  # ψ
-    compensation_iters: int = Field(5, ge=0)  # C of the (Q, B) alternation; 0: Q = q(W), B = 0
     # Merges round onto the grid of the first quantization (False), or refit min-max at every merge (True).
     regrid: bool = False
     export: Literal["requantize", "lowrank"] = "requantize"
 
 
-class SpIELConfig(BaseModel):
+class SpIELConfig(SpIELScheduleConfig):
     """SpIEL-AG: a sparse Δ at fixed density on the float or a quantized base, dropped by |δ| and regrown by
     accumulated |∇W| every `reselect_every` steps."""
 
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["spiel"] = "spiel"
-    density: float = Field(0.01, gt=0, le=1)  # k / numel per layer (the paper's 1 %)
     base: Literal["fp", "rtn", "gptq"] = "fp"  # rtn / gptq: quantized SpIEL on lowbit's grid
     bits: Bits = 4  # of a quantized base
     group_size: GroupSize = 128
     symmetric: bool = False
-    reselect_every: int = Field(20, ge=1)  # R
-    accumulate_steps: int = Field(5, ge=1)  # S: gradient accumulation window before a reselection
-    drop_fraction: float = Field(0.2, ge=0, le=1)  # p₀, decayed linearly to 0 over training
 
 
 # The fine-tuning methods, declared once: `lowbit finetune --method`, its validation, `lowbit methods` and

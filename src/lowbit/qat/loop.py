@@ -1,5 +1,6 @@
-"""The one optimisation loop of lowbit: `lowbit finetune` (every QAT method, data-parallel or not) and the
-recipe's `finetune` stage (codebook tuning, L4Q on a PTQ grid) both step through `run_steps`.
+"""The one optimisation loop of lowbit: `lowbit finetune` (every QAT method, data-parallel or not), the
+recipe's `finetune` stage (codebook tuning, L4Q, quantized SpIEL, LoQT on a PTQ grid) and the block-wise
+reconstruction of LRQ and AQLM's fine-tuning all step through `run_steps`.
 
 One step: set the learning rates (base rate × the schedule's factor), run this process's forward and
 backward passes, sum the loss over the processes, then either the method's own update (LoQT's merge, a
@@ -18,8 +19,7 @@ from lowbit.qat import distributed as dd
 
 class StepSchedule:
     """What a method does around the shared optimizer step; the default does nothing. A method with state
-    that changes on a schedule (LoQT's merges, SpIEL's reselections) implements these three methods in
-    its own file."""
+    that changes on a schedule (LoQT's merges, SpIEL's reselections) subclasses it in its own file."""
 
     def begin(self, step: int) -> bool:
         """Before the step's forward passes; True: this step's gradients are the method's, not the optimizer's."""

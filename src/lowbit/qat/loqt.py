@@ -41,6 +41,7 @@ from lowbit.formats.quant_primitives import affine_quantize_groups
 from lowbit.formats.quantized_weight import LowRank, QuantizedWeight, UniformGrid
 from lowbit.methods.config import RTNConfig
 from lowbit.methods.rtn import rtn_quantize
+from lowbit.qat.loop import StepSchedule
 
 
 def update_steps(total: int, gap: int, growth: float) -> list[int]:
@@ -161,6 +162,15 @@ class LoQTLinear(nn.Module):
         """The grid merges round onto: the first quantization's, unless `regrid` (then None: fit anew)."""
         return None if self.regrid or self.qweight is None else self.qweight.grid
 
+    @torch.no_grad()
+    def hold(self, q: QuantizedWeight) -> None:
+        """Start from a quantized weight on a uniform grid (a PTQ result): deq Q = deq q, and the merges
+        round onto q's grid (unless `regrid`), so a merge with B = 0 gives back q's codes."""
+        g = q.grid
+        self._set_q(QuantizedWeight(q.shape, torch.float32, UniformGrid(g.bits, g.group_size, g.symmetric,
+                                                                       g.scale.clone(), g.zero.clone()),
+                                    q.codes.clone()))
+
     def _set_q(self, Q: QuantizedWeight) -> None:
         self.qweight = Q
         self.W_deq.copy_(Q.dequantize().float())
@@ -218,7 +228,7 @@ class LoQTLinear(nn.Module):
                 f"side={self.side}, scale={self.scale}")
 
 
-class LoQTSchedule:
+class LoQTSchedule(StepSchedule):
     """At the merge steps (`update_steps`) the step's batch only yields ∇W: every layer merges, takes its
     (process-summed) ∇W, re-projects and re-quantizes; AdamW does not step and B's moments restart."""
 
@@ -240,6 +250,3 @@ class LoQTSchedule:
             dd.all_reduce_grads([layer.merged_leaf], self.world)
             layer.reproject()
             opt.state.pop(layer.B, None)
-
-    def end(self, step: int, opt: torch.optim.Optimizer) -> None:
-        pass

@@ -32,6 +32,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.quantized_weight import Outliers, QuantizedWeight
+from lowbit.qat.loop import StepSchedule
 
 DELTA_FILE = "sparse_delta.safetensors"
 DELTA_FORMAT = "lowbit-sparse-delta/1"
@@ -222,7 +223,7 @@ def apply_sparse_delta(model: nn.Module, path: str | Path) -> None:
 # ---- the schedule, called by the trainer around every optimizer step
 
 
-class SpIELSchedule:
+class SpIELSchedule(StepSchedule):
     """Candidate gradients during the S steps that end at a reselection step; drop and grow after it.
     Data-parallel runs sum the candidate choice's ∇W and the accumulated gradients over processes."""
 
